@@ -1,0 +1,184 @@
+"""The `pytorch_tlora_weights.safetensors` file format: tensor keys, metadata, reading and checking.
+
+Keys are `unet.<module path>.tlora.<param>`; the header metadata `tlora_config` holds the JSON config.
+All functions here are pure: they read and write tensors and files, never a model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import FORMAT_VERSION, TLoraConfig, TLoraConfigError
+
+WEIGHT_NAME = "pytorch_tlora_weights.safetensors"
+METADATA_KEY = "tlora_config"
+UNET_PREFIX = "unet."
+KEY_INFIX = ".tlora."
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# file name of each tensor -> attribute of the adapter layer
+PARAMETER_NAMES = {
+    "vanilla": {"down": "down", "up": "up"},
+    "ortho": {
+        "down": "down",
+        "up": "up",
+        "lambda": "lam",
+        "down_base": "down_base",
+        "up_base": "up_base",
+        "lambda_base": "lam_base",
+    },
+}
+
+
+class TLoraFileError(ValueError):
+    """A file or state dict that is not a valid T-LoRA adapter for this model."""
+
+
+def refuse_pickle(path: str | os.PathLike) -> None:
+    if str(path).lower().endswith(PICKLE_SUFFIXES):
+        raise TLoraFileError(
+            f"{path}: pickle-based weight files are not loaded (they can run arbitrary code). T-LoRA adapters are "
+            "safetensors files; convert the file with a tool you trust first."
+        )
+
+
+def adapter_state_dict(adapters: dict, variant: str) -> dict[str, torch.Tensor]:
+    """`{module path: adapter layer}` -> the UNet's T-LoRA layers as tensors, keys `<path>.tlora.<param>`."""
+    return {
+        f"{path}{KEY_INFIX}{file_name}": getattr(adapter, attribute).detach()
+        for path, adapter in adapters.items()
+        for file_name, attribute in PARAMETER_NAMES[variant].items()
+    }
+
+
+def pack_unet_layers(unet_tlora_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prefix the UNet's layers with `unet.` as stored in a file (like diffusers' `pack_weights`)."""
+    return {k if k.startswith(UNET_PREFIX) else UNET_PREFIX + k: v for k, v in unet_tlora_layers.items()}
+
+
+def save_tlora_file(state_dict: dict[str, torch.Tensor], config: TLoraConfig, path: str | os.PathLike) -> Path:
+    """Write the file atomically: a temporary file in the same folder, renamed when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in pack_unet_layers(state_dict).items()}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata={"format": "pt", METADATA_KEY: config.to_json()})
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def _describe_foreign_keys(keys) -> str | None:
+    """A hint for files that are adapters, but not T-LoRA files of this format."""
+    keys = list(keys)
+    if any("_lora.q_layer" in k or "_lora.down.weight" in k or "_lora.lambda_layer" in k for k in keys):
+        return (
+            "It looks like a checkpoint of the T-LoRA authors' code; convert it with "
+            "`python scripts/convert_tlora.py import-official CHECKPOINT_DIR OUT_DIR`."
+        )
+    if any(marker in k for k in keys for marker in ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up")):
+        return "It looks like a standard LoRA; load it with `pipe.load_lora_weights(...)` instead."
+    return None
+
+
+def read_tlora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TLoraConfig]:
+    """Read a T-LoRA safetensors file: its tensors and its validated config."""
+    refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for damaged headers
+        raise TLoraFileError(f"{path} is not a readable safetensors file: {error}") from None
+    if METADATA_KEY not in metadata:
+        hint = _describe_foreign_keys(state_dict) or "Only files written by this package can be loaded."
+        raise TLoraFileError(f"{path} has no `{METADATA_KEY}` metadata, so it is not a T-LoRA adapter. {hint}")
+    try:
+        config = TLoraConfig.from_json(metadata[METADATA_KEY])
+    except TLoraConfigError as error:
+        raise TLoraFileError(f"{path}: {error}") from None
+    return state_dict, config
+
+
+def _expected_shapes(variant: str, rank: int, in_features: int, out_features: int) -> dict[str, tuple]:
+    rank = min(rank, in_features, out_features)
+    shapes = {"down": (rank, in_features), "up": (out_features, rank), "lambda": (rank,)}
+    for name in ("down", "up", "lambda"):
+        shapes[f"{name}_base"] = shapes[name]
+    return {name: shapes[name] for name in PARAMETER_NAMES[variant]}
+
+
+def split_state_dict(
+    state_dict: dict[str, torch.Tensor], config: TLoraConfig, projection_shapes: dict[str, tuple[int, int]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Check a state dict against the config and the model, and group it by module path.
+
+    Args:
+        state_dict: keys `unet.<path>.tlora.<param>` (the `unet.` prefix is optional).
+        projection_shapes: `{module path: (in_features, out_features)}` of the model's linear layers.
+
+    Returns:
+        `{module path: {adapter attribute: tensor}}`.
+    """
+    if not state_dict:
+        raise TLoraFileError("The T-LoRA state dict is empty.")
+    names = PARAMETER_NAMES[config.variant]
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        body = key[len(UNET_PREFIX) :] if key.startswith(UNET_PREFIX) else key
+        path, infix, name = body.rpartition(KEY_INFIX)
+        if not infix or name not in names:
+            hint = _describe_foreign_keys(state_dict) or ""
+            raise TLoraFileError(
+                f"Unexpected key {key!r} for a {config.variant!r} T-LoRA adapter (expected "
+                f"'unet.<module path>.tlora.<{'|'.join(names)}>'). {hint}".rstrip()
+            )
+        if path not in projection_shapes:
+            raise TLoraFileError(
+                f"Key {key!r} names module {path!r}, which is not a linear projection of this UNet; the adapter "
+                "was made for a different base model."
+            )
+        grouped.setdefault(path, {})[names[name]] = tensor
+
+    for path, tensors in grouped.items():
+        missing = [name for name, attribute in names.items() if attribute not in tensors]
+        if missing:
+            raise TLoraFileError(f"Missing keys for module {path!r}: " + ", ".join(f"tlora.{m}" for m in missing))
+        expected = _expected_shapes(config.variant, config.rank, *projection_shapes[path])
+        for name, shape in expected.items():
+            tensor = tensors[names[name]]
+            if tuple(tensor.shape) != shape:
+                raise TLoraFileError(
+                    f"Shape mismatch for 'unet.{path}.tlora.{name}': the file has {tuple(tensor.shape)}, this UNet "
+                    f"with rank {config.rank} needs {shape}. The adapter was made for a different base model or rank."
+                )
+            if not tensor.is_floating_point():
+                raise TLoraFileError(f"'unet.{path}.tlora.{name}' has dtype {tensor.dtype}; expected a float tensor.")
+            if not torch.isfinite(tensor).all():
+                raise TLoraFileError(f"'unet.{path}.tlora.{name}' contains NaN or Inf values.")
+    return grouped
+
+
+def config_from_metadata(metadata: dict | str | None) -> TLoraConfig:
+    """Accept a config given as a `TLoraConfig`, a dict or a JSON string."""
+    if isinstance(metadata, TLoraConfig):
+        return metadata
+    if isinstance(metadata, str):
+        return TLoraConfig.from_json(metadata)
+    if isinstance(metadata, dict):
+        data = dict(metadata)
+        data.setdefault("format_version", FORMAT_VERSION)
+        return TLoraConfig.from_dict(data)
+    raise TLoraConfigError("An in-memory T-LoRA state dict needs its config: pass `tlora_config=`.")

@@ -1,0 +1,167 @@
+"""T-LoRA adapter layers: the low-rank update added to one linear projection.
+
+An adapter computes only the update `delta(x)`; the projection it belongs to still computes `W x + b`
+itself (see `injection.py`). The rank mask arrives as a `RankState` built once per UNet call:
+either a `(B, R)` mask (one row per sample) or, when every sample shares one timestep, the number of
+active components, which lets inference skip the masked-out components entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TLoraConfig
+
+
+@dataclass
+class RankState:
+    """The rank mask of one adapter for one UNet call."""
+
+    mask: torch.Tensor | None = None  # (B, R) or (1, R); None when `active_rank` says it all
+    active_rank: int | None = None  # set when all samples share one rank and no gradient is needed
+
+    @cached_property
+    def paired_mask(self) -> torch.Tensor:
+        # the folded ortho factors interleave trained and frozen components (see OrthoTLoraAdapter)
+        return self.mask.repeat_interleave(2, dim=-1)
+
+
+def _broadcast_mask(mask: torch.Tensor, hidden: torch.Tensor, rank: int) -> torch.Tensor:
+    """Shape a `(B, R)` mask to multiply `hidden` (`(B, ..., rank)`), keeping one row per sample."""
+    mask = mask[:, :rank]
+    batch = mask.shape[0]
+    if batch != 1 and hidden.shape[0] != batch:
+        raise ValueError(
+            f"T-LoRA got {batch} timesteps for a projection input of batch size {hidden.shape[0]}; pass one "
+            "timestep per sample or a single timestep for the whole batch."
+        )
+    return mask.view(batch, *([1] * (hidden.ndim - 2)), rank)
+
+
+class TLoraAdapter(nn.Module):
+    """Base class: the low-rank update of a projection `in_features -> out_features`."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = min(rank, in_features, out_features)
+
+    def forward(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class VanillaTLoraAdapter(TLoraAdapter):
+    """Plain LoRA factors with the rank mask: `U (m(t) * (D x))`."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__(in_features, out_features, rank)
+        self.down = nn.Parameter(torch.empty(self.rank, in_features))
+        self.up = nn.Parameter(torch.zeros(out_features, self.rank))
+
+    @torch.no_grad()
+    def initialize(self, config: TLoraConfig, weight: torch.Tensor | None = None, generator=None) -> None:
+        self.down.copy_(torch.randn(self.down.shape, generator=generator) / config.rank)
+        self.up.zero_()
+
+    def forward(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
+        x = x.to(self.down.dtype)
+        if state.active_rank is not None:
+            k = min(state.active_rank, self.rank)
+            return F.linear(F.linear(x, self.down[:k]), self.up[:, :k])
+        hidden = F.linear(x, self.down)
+        return F.linear(hidden * _broadcast_mask(state.mask, hidden, self.rank), self.up)
+
+
+def _pick_components(num: int, rank: int, pick: str) -> slice:
+    """Which `rank` of `num` singular triplets (sorted largest first) initialise an ortho adapter."""
+    if pick == "principal":
+        return slice(0, rank)
+    if pick == "last":
+        return slice(num - rank, num)
+    if pick == "middle":
+        start = (num - rank) // 2
+        return slice(start, start + rank)
+    raise ValueError(f"Unknown ortho init {pick!r}; expected 'last', 'principal' or 'middle'.")
+
+
+def parse_ortho_init(init: str) -> tuple[str, str]:
+    """`"random-last"` -> `("random", "last")`."""
+    source, _, pick = init.partition("-")
+    if source not in ("random", "weight") or pick not in ("last", "principal", "middle"):
+        raise ValueError(
+            f"Unknown ortho init {init!r}; expected '<source>-<pick>' with source 'random' or 'weight' and pick "
+            "'last', 'principal' or 'middle' (e.g. 'random-last')."
+        )
+    return source, pick
+
+
+class OrthoTLoraAdapter(TLoraAdapter):
+    """Ortho-LoRA factors with the rank mask (the paper's T-LoRA):
+
+        P (m(t) * lam * (Q x)) - P0 (m(t) * lam0 * (Q0 x))
+
+    `P0, Q0, lam0` are frozen copies of the initial factors, so the update is exactly zero at initialisation.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__(in_features, out_features, rank)
+        self.down = nn.Parameter(torch.zeros(self.rank, in_features))
+        self.up = nn.Parameter(torch.zeros(out_features, self.rank))
+        self.lam = nn.Parameter(torch.zeros(self.rank))
+        self.register_buffer("down_base", torch.zeros(self.rank, in_features))
+        self.register_buffer("up_base", torch.zeros(out_features, self.rank))
+        self.register_buffer("lam_base", torch.zeros(self.rank))
+        self._folded = None
+
+    @torch.no_grad()
+    def initialize(self, config: TLoraConfig, weight: torch.Tensor | None = None, generator=None) -> None:
+        source, pick = parse_ortho_init(config.init)
+        if source == "weight":
+            if weight is None:
+                raise ValueError("Ortho init from 'weight' needs the layer's weight.")
+            matrix = weight.detach().float()
+        else:
+            matrix = torch.randn((self.out_features, self.in_features), generator=generator) / config.rank
+        u, s, vh = torch.linalg.svd(matrix.to(self.down.device, torch.float32), full_matrices=False)
+        idx = _pick_components(s.shape[0], self.rank, pick)
+        for trained, frozen, value in (
+            (self.up, self.up_base, u[:, idx]),
+            (self.lam, self.lam_base, s[idx]),
+            (self.down, self.down_base, vh[idx]),
+        ):
+            trained.copy_(value)
+            frozen.copy_(value)
+
+    def _folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches as one rank-2R product, `lam` folded into the up factor, trained and frozen
+        components interleaved so that the first `2k` rows/columns are the `k` active pairs."""
+        tensors = (self.down, self.up, self.lam, self.down_base, self.up_base, self.lam_base)
+        key = tuple((id(t), t._version) for t in tensors)
+        if self._folded is None or self._folded[0] != key:
+            down = torch.stack((self.down, self.down_base), dim=1).reshape(2 * self.rank, self.in_features)
+            up = torch.stack((self.up * self.lam, -(self.up_base * self.lam_base)), dim=2)
+            self._folded = (key, down, up.reshape(self.out_features, 2 * self.rank))
+        return self._folded[1], self._folded[2]
+
+    def forward(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
+        x = x.to(self.down.dtype)
+        if torch.is_grad_enabled():
+            mask = _broadcast_mask(state.mask, x, self.rank)
+            trained = F.linear(F.linear(x, self.down) * (self.lam * mask), self.up)
+            frozen = F.linear(F.linear(x, self.down_base) * (self.lam_base * mask), self.up_base)
+            return trained - frozen
+        down, up = self._folded_factors()
+        if state.active_rank is not None:
+            k = 2 * min(state.active_rank, self.rank)
+            return F.linear(F.linear(x, down[:k]), up[:, :k])
+        hidden = F.linear(x, down)
+        return F.linear(hidden * _broadcast_mask(state.paired_mask, hidden, 2 * self.rank), up)
+
+
+ADAPTER_CLASSES = {"vanilla": VanillaTLoraAdapter, "ortho": OrthoTLoraAdapter}
