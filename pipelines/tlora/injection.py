@@ -46,6 +46,12 @@ def _parent_attention(unet: nn.Module, path: str) -> nn.Module | None:
     return None
 
 
+def _uses_fused_projections(attention: nn.Module) -> bool:
+    # `unfuse_qkv_projections()` restores the original processors but leaves `fused_projections` set, so the
+    # processor in use is what tells whether `to_q`/`to_k`/`to_v` are still called.
+    return "Fused" in type(getattr(attention, "processor", None)).__name__
+
+
 def _matches(path: str, targets) -> bool:
     return any(path == target or path.endswith("." + target) for target in targets)
 
@@ -135,7 +141,7 @@ class TimestepRouter:
         return self.configs[adapter_name].scale * self.scales[adapter_name]
 
     def __call__(self, unet, args, kwargs):
-        fused = next((a for a in self.attention_modules if a.fused_projections), None)
+        fused = next((a for a in self.attention_modules if _uses_fused_projections(a)), None)
         if fused is not None:
             raise TLoraInjectionError(
                 "The UNet's attention projections are fused (fuse_qkv_projections), so the T-LoRA adapters on "
@@ -211,7 +217,7 @@ def inject_tlora(
         paths = find_target_projections(unet, config.target_modules)
     for path in paths:
         attention = _parent_attention(unet, path)
-        if attention is not None and attention.fused_projections:
+        if attention is not None and _uses_fused_projections(attention):
             raise TLoraInjectionError(
                 f"{path!r} belongs to fused QKV projections; T-LoRA masks each projection separately. Call "
                 "`unfuse_qkv_projections()` before loading."

@@ -25,6 +25,11 @@ class RankState:
     mask: torch.Tensor | None = None  # (B, R) or (1, R); None when `active_rank` says it all
     active_rank: int | None = None  # set when all samples share one rank and no gradient is needed
 
+    def dense_mask(self, rank: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if self.mask is not None:
+            return self.mask
+        return (torch.arange(rank, device=device) < self.active_rank).to(dtype)[None]
+
     @cached_property
     def paired_mask(self) -> torch.Tensor:
         # the folded ortho factors interleave trained and frozen components (see OrthoTLoraAdapter)
@@ -152,7 +157,7 @@ class OrthoTLoraAdapter(TLoraAdapter):
     def forward(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
         x = x.to(self.down.dtype)
         if torch.is_grad_enabled():
-            mask = _broadcast_mask(state.mask, x, self.rank)
+            mask = _broadcast_mask(state.dense_mask(self.rank, x.device, x.dtype), x, self.rank)
             trained = F.linear(F.linear(x, self.down) * (self.lam * mask), self.up)
             frozen = F.linear(F.linear(x, self.down_base) * (self.lam_base * mask), self.up_base)
             return trained - frozen

@@ -74,13 +74,13 @@ def _resolve_weight_file(
         raise FileNotFoundError(f"{source!r} is neither a local path nor a valid Hub repository id.") from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"Hub repository {source!r} was not found (or needs a `token=`).") from None
-    except EntryNotFoundError:
-        raise FileNotFoundError(f"Hub repository {source!r} has no file {weight_name!r}.") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
         raise FileNotFoundError(
             f"{source!r} is not a local path, and {weight_name!r} could not be fetched from the Hub (offline, or "
             "not cached)."
         ) from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"Hub repository {source!r} has no file {weight_name!r}.") from None
 
 
 def tlora_state_dict(

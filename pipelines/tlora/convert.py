@@ -1,0 +1,412 @@
+"""Moving adapters between this package's format, the T-LoRA authors' checkpoints and standard LoRA files.
+
+    import_official   authors' checkpoint-N folder (+ logs/hparams.yml)  ->  pytorch_tlora_weights.safetensors
+    export_official   our file  ->  OUT/checkpoint-N/pytorch_lora_weights.safetensors + OUT/logs/hparams.yml
+    export_lora       our file  ->  a standard LoRA (diffusers or kohya keys) frozen at one rank
+    inspect_adapter   either layout  ->  a summary of its settings and schedule
+
+Each command reads its input, checks it completely, then writes its output under a temporary name that is renamed
+when complete (a folder is built beside its destination), so a failure never leaves a partial file. It returns a
+`ConversionResult` whose notes say what was inferred or lost. `scripts/convert_tlora.py` is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import TLoraConfig, TLoraConfigError
+from .file_format import METADATA_KEY, WEIGHT_NAME, TLoraFileError, refuse_pickle, split_state_dict
+from .loader import save_tlora_weights, tlora_state_dict
+from .lora_export import FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
+from .official_format import (
+    HPARAMS_NAME,
+    LOGS_DIR,
+    OFFICIAL_NUM_TRAIN_TIMESTEPS,
+    OFFICIAL_WEIGHT_NAME,
+    ScheduleSettings,
+    format_hparams,
+    hparams_for,
+    is_official_key,
+    merge_settings,
+    missing_projections,
+    module_shapes,
+    official_to_tlora_state_dict,
+    parse_hparams,
+    resolve_config,
+    settings_from_hparams,
+    tlora_to_official_state_dict,
+)
+
+# diffusers' default weight name: `pipe.load_lora_weights(folder)` finds it without `weight_name=`
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EXPORT_METADATA_KEY = "tlora_export"
+INSPECT_TIMESTEPS = (0, 250, 500, 750, 999)
+KNOWN_LAYOUTS = (
+    "Known layouts: this package's T-LoRA file (pytorch_tlora_weights.safetensors with `tlora_config` metadata, "
+    "or a folder holding it); the T-LoRA authors' checkpoint (a checkpoint-N folder, or its "
+    "pytorch_lora_weights.safetensors, with keys '<module>.processor.to_q_lora.<param>' and the settings in "
+    "<run>/logs/hparams.yml)."
+)
+
+
+@dataclass
+class ConversionResult:
+    outputs: list[Path]
+    config: TLoraConfig
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _check_free(paths: list[Path], overwrite: bool) -> None:
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"Output already exists: {', '.join(existing)}. Pass --overwrite to replace it.")
+
+
+def _write_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through `write(temporary path)`, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def _write_folder(out_dir: Path, files: dict[str, Callable[[Path], None]], overwrite: bool) -> list[Path]:
+    """Build `files` (relative path -> writer) in a staging folder beside `out_dir`, then move them in.
+
+    A new `out_dir` appears in one rename; into an existing folder each file is renamed into place.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder.")
+    targets = [out_dir / relative for relative in files]
+    _check_free(targets, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        for relative, write in files.items():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            write(staging / relative)
+        if not out_dir.exists():
+            os.rename(staging, out_dir)
+        else:
+            for relative in files:
+                (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / relative, out_dir / relative)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for damaged headers
+        raise TLoraFileError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header metadata alone, without loading tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception as error:
+        raise TLoraFileError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def _refuse_pickle_in(folder: Path) -> None:
+    """Name a pickled weights file that sits where safetensors were expected."""
+    for candidate in sorted(folder.glob("*_weights.bin")):
+        refuse_pickle(candidate)
+
+
+def _checkpoint_sort_key(folder: Path):
+    step = folder.name.removeprefix("checkpoint-")
+    return (0, int(step), "") if step.isdigit() else (1, 0, folder.name)
+
+
+def locate_official_weights(path: str | os.PathLike) -> Path:
+    """The weights file of an authors' checkpoint given as the file itself or its checkpoint-N folder."""
+    path = Path(path)
+    refuse_pickle(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"No such checkpoint file or folder: {path}")
+    weights = path / OFFICIAL_WEIGHT_NAME
+    if weights.is_file():
+        return weights
+    _refuse_pickle_in(path)
+    checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_checkpoint_sort_key)
+    if checkpoints:
+        raise TLoraFileError(
+            f"{path} is a training run folder; pass one of its checkpoints: {', '.join(p.name for p in checkpoints)}."
+        )
+    raise TLoraFileError(f"{path} holds no {OFFICIAL_WEIGHT_NAME}. {KNOWN_LAYOUTS}")
+
+
+def _foreign_layout(path: Path, tensors: dict, metadata: dict) -> TLoraFileError:
+    if METADATA_KEY in metadata:
+        return TLoraFileError(f"{path} is already a T-LoRA file of this package; there is nothing to import.")
+    if any(marker in key for key in tensors for marker in ("lora_A", "lora_down", ".lora.down")):
+        return TLoraFileError(f"{path} is a standard LoRA (no timestep schedule), not a T-LoRA. {KNOWN_LAYOUTS}")
+    return TLoraFileError(f"{path} is not in a known adapter layout. {KNOWN_LAYOUTS}")
+
+
+def find_hparams(weights: Path, hparams: str | os.PathLike | None = None) -> Path | None:
+    """`hparams` if given (it must exist), else `<run>/logs/hparams.yml` of `<run>/checkpoint-N/<weights>`."""
+    if hparams is not None:
+        hparams = Path(hparams)
+        if not hparams.is_file():
+            raise FileNotFoundError(f"No such hparams file: {hparams}")
+        return hparams
+    candidate = weights.resolve().parent.parent / LOGS_DIR / HPARAMS_NAME
+    return candidate if candidate.is_file() else None
+
+
+@dataclass
+class OfficialCheckpoint:
+    """An authors' checkpoint translated to our tensor names, with the settings found for it."""
+
+    weights: Path
+    variant: str
+    state_dict: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, int, int]]
+    settings: ScheduleSettings
+    hparams: Path | None
+
+
+def read_official_checkpoint(
+    path: str | os.PathLike, hparams: str | os.PathLike | None = None, overrides: dict | None = None
+) -> OfficialCheckpoint:
+    weights = locate_official_weights(path)
+    tensors, metadata = _read_safetensors(weights)
+    if not tensors or not all(is_official_key(key) for key in tensors):
+        raise _foreign_layout(weights, tensors, metadata)
+    variant, state_dict = official_to_tlora_state_dict(tensors)
+    hparams_path = find_hparams(weights, hparams)
+    settings = ScheduleSettings()
+    if hparams_path is not None:
+        settings = settings_from_hparams(parse_hparams(hparams_path.read_text(), str(hparams_path)), str(hparams_path))
+    settings = merge_settings(settings, overrides or {})
+    return OfficialCheckpoint(weights, variant, state_dict, module_shapes(state_dict), settings, hparams_path)
+
+
+def _validate(state_dict: dict[str, torch.Tensor], config: TLoraConfig) -> None:
+    """The core file checks (keys, completeness, shapes for the config's rank, finite values)."""
+    shapes = {path: (in_features, out_features) for path, (in_features, out_features, _) in module_shapes(state_dict).items()}
+    split_state_dict(state_dict, config, shapes)
+
+
+def read_adapter(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TLoraConfig]:
+    """A T-LoRA file of this package (or a folder holding one), checked."""
+    source = Path(source)
+    refuse_pickle(source)
+    if not source.exists():
+        raise FileNotFoundError(f"No such T-LoRA file or folder: {source}")
+    if source.is_dir() and not (source / WEIGHT_NAME).is_file():
+        _refuse_pickle_in(source)
+        raise TLoraFileError(f"{source} holds no {WEIGHT_NAME}. {KNOWN_LAYOUTS}")
+    state_dict, config = tlora_state_dict(source)
+    _validate(state_dict, config)
+    return state_dict, config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+
+
+def import_official(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    hparams: str | os.PathLike | None = None,
+    rank: int | None = None,
+    min_rank: int | None = None,
+    schedule_exponent: float | None = None,
+    variant: str | None = None,
+    base_model: str | None = None,
+    overwrite: bool = False,
+) -> ConversionResult:
+    """Convert an authors' checkpoint to `out_dir/pytorch_tlora_weights.safetensors`.
+
+    The tensors decide the variant; the schedule comes from `hparams` (default `<run>/logs/hparams.yml`), with
+    any argument given here taking precedence.
+    """
+    target = Path(out_dir) / WEIGHT_NAME
+    _check_free([target], overwrite)
+    overrides = dict(rank=rank, min_rank=min_rank, schedule_exponent=schedule_exponent, variant=variant)
+    overrides["base_model"] = base_model
+    official = read_official_checkpoint(checkpoint, hparams, overrides)
+    config, notes = resolve_config(official.variant, official.shapes, official.settings)
+    _validate(official.state_dict, config)
+    read_from = f"settings read from {official.hparams}" if official.hparams else "no hparams.yml found"
+    save_tlora_weights(out_dir, official.state_dict, config)
+    return ConversionResult([target], config, [read_from, *notes])
+
+
+def export_official(
+    source: str | os.PathLike, out_dir: str | os.PathLike, *, step: int = 0, overwrite: bool = False
+) -> ConversionResult:
+    """Write our adapter in the authors' layout: `out_dir/checkpoint-<step>/...` and `out_dir/logs/hparams.yml`."""
+    if step < 0:
+        raise ValueError(f"The checkpoint step must be >= 0, got {step}.")
+    state_dict, config = read_adapter(source)
+    tensors = tlora_to_official_state_dict(state_dict, config)
+    hparams = hparams_for(config)
+    notes = [f"hparams: trainer_type {hparams['trainer_type']!r}, sig_type {hparams['sig_type']!r}"]
+    if config.scale != 1.0:
+        notes.append(f"adapter scale {config.scale:g} (lora_alpha / rank) folded into the up factors")
+    if config.num_train_timesteps != OFFICIAL_NUM_TRAIN_TIMESTEPS:
+        notes.append(
+            f"the authors' code takes T from the SD-XL scheduler ({OFFICIAL_NUM_TRAIN_TIMESTEPS}); this adapter's "
+            f"schedule assumes T = {config.num_train_timesteps}, so its ranks will differ there"
+        )
+    for module, projections in sorted(missing_projections(tensors).items()):
+        notes.append(f"{module} has no adapter on {', '.join(projections)}; the authors' loader expects all four")
+    files = {
+        f"checkpoint-{step}/{OFFICIAL_WEIGHT_NAME}": lambda path: save_file(tensors, str(path)),
+        f"{LOGS_DIR}/{HPARAMS_NAME}": lambda path: path.write_text(format_hparams(hparams)),
+    }
+    outputs = _write_folder(Path(out_dir), files, overwrite)
+    return ConversionResult(outputs, config, notes)
+
+
+def _lora_target(out: Path) -> Path:
+    refuse_pickle(out)
+    if out.suffix == ".safetensors":
+        return out
+    if out.is_file():
+        raise FileExistsError(f"{out} is a file; give a .safetensors path or a folder.")
+    return out / LORA_WEIGHT_NAME
+
+
+def export_lora(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    timestep: float | None = None,
+    rank: int | None = None,
+    format: str = "diffusers",
+    overwrite: bool = False,
+) -> ConversionResult:
+    """Freeze the adapter at the rank of `timestep`, or at `rank` (default: full rank), as a standard LoRA.
+
+    `out` is a `.safetensors` file or a folder (which receives `pytorch_lora_weights.safetensors`).
+    """
+    if timestep is not None and rank is not None:
+        raise ValueError("Give a timestep or a rank to freeze at, not both.")
+    if format not in FORMATS:
+        raise ValueError(f"Unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}.")
+    target = _lora_target(Path(out))
+    _check_free([target], overwrite)
+    state_dict, config = read_adapter(source)
+    if timestep is not None:
+        if not 0 <= timestep <= config.num_train_timesteps:
+            raise ValueError(f"Timestep {timestep} is outside the schedule's range 0..{config.num_train_timesteps}.")
+        rank = rank_at_timestep(config, timestep)
+    elif rank is None:
+        rank = config.rank
+    tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), format)
+    description = describe_export(config, rank)
+    record = {"description": description, "rank": rank, "timestep": timestep, "tlora_config": config.to_dict()}
+    metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(record, sort_keys=True)}
+    _write_file(target, lambda path: save_file(tensors, str(path), metadata=metadata))
+    return ConversionResult([target], config, [description])
+
+
+def _parameter_counts(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
+    trained = sum(t.numel() for key, t in state_dict.items() if not key.endswith("_base"))
+    return trained, sum(t.numel() for key, t in state_dict.items() if key.endswith("_base"))
+
+
+def _read_for_inspection(path: Path, hparams) -> tuple[str, dict[str, torch.Tensor], TLoraConfig | None, list[str]]:
+    """(layout name, our tensors, config or None when the schedule is unknown, notes)."""
+    weights = path / WEIGHT_NAME if path.is_dir() and (path / WEIGHT_NAME).is_file() else path
+    if weights.is_file():
+        refuse_pickle(weights)
+        if METADATA_KEY in _safetensors_metadata(weights):
+            state_dict, config = read_adapter(weights)
+            return "T-LoRA (this package)", state_dict, config, []
+    official = read_official_checkpoint(path, hparams)
+    notes = [f"settings read from {official.hparams}" if official.hparams else "no hparams.yml found"]
+    try:
+        config, inferred = resolve_config(official.variant, official.shapes, official.settings)
+    except TLoraConfigError as error:
+        return "T-LoRA authors' checkpoint", official.state_dict, None, [*notes, f"schedule unknown: {error}"]
+    _validate(official.state_dict, config)
+    return "T-LoRA authors' checkpoint", official.state_dict, config, [*notes, *inferred]
+
+
+def inspect_adapter(path: str | os.PathLike, hparams: str | os.PathLike | None = None) -> dict:
+    """A summary of an adapter in either layout: settings, sizes and the rank used at a few timesteps."""
+    path = Path(path)
+    layout, state_dict, config, notes = _read_for_inspection(path, hparams)
+    shapes = module_shapes(state_dict)
+    trained, frozen = _parameter_counts(state_dict)
+    info = {
+        "path": str(path),
+        "layout": layout,
+        "modules": len(shapes),
+        "layer_ranks": sorted({rank for _, _, rank in shapes.values()}),
+        "trained_parameters": trained,
+        "frozen_parameters": frozen,
+        "notes": notes,
+        "config": None if config is None else config.to_dict(),
+        "ranks_at_timesteps": None,
+    }
+    if config is not None:
+        info["ranks_at_timesteps"] = {t: rank_at_timestep(config, t) for t in INSPECT_TIMESTEPS}
+    return info
+
+
+def format_inspection(info: dict) -> str:
+    lines = [f"file: {info['path']}", f"layout: {info['layout']}"]
+    config = info["config"]
+    if config is not None:
+        scale = "1" if config["lora_alpha"] is None else f"{config['lora_alpha'] / config['rank']:g}"
+        lines += [
+            f"variant: {config['variant']}",
+            f"rank: {config['rank']}, min_rank: {config['min_rank']}",
+            f"schedule: r(t) = floor(((T - t) / T) ** {config['schedule_exponent']:g} * "
+            f"({config['rank']} - {config['min_rank']})) + {config['min_rank']}, T = {config['num_train_timesteps']}",
+            f"scale: {scale}",
+            f"init: {config['init']}",
+            f"base model: {config['base_model'] or 'unknown'}",
+            f"target modules: {', '.join(config['target_modules'])}",
+        ]
+    lines += [
+        f"adapted modules: {info['modules']} (layer ranks: {', '.join(map(str, info['layer_ranks']))})",
+        f"parameters: {info['trained_parameters']:,} trained, {info['frozen_parameters']:,} frozen",
+    ]
+    if info["ranks_at_timesteps"] is not None:
+        ranks = ", ".join(f"t={t}: {r}" for t, r in info["ranks_at_timesteps"].items())
+        lines.append(f"rank by timestep: {ranks}")
+    lines += [f"note: {note}" for note in info["notes"]]
+    return "\n".join(lines)
