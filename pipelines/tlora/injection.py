@@ -211,12 +211,12 @@ def inject_tlora(
 
     An existing adapter of the same name is replaced. `paths` (module paths) overrides `config.target_modules`,
     as when loading a file. With `initialize=False` the factors are left for the caller to fill
-    (`load_tlora_state_dict`). Returns the new adapters by module path.
+    (as `load_tlora_into_unet` does). Returns the new adapters by module path.
     """
     if paths is None:
         paths = find_target_projections(unet, config.target_modules)
-    for path in paths:
-        attention = _parent_attention(unet, path)
+    attention_of = {path: _parent_attention(unet, path) for path in paths}
+    for path, attention in attention_of.items():
         if attention is not None and _uses_fused_projections(attention):
             raise TLoraInjectionError(
                 f"{path!r} belongs to fused QKV projections; T-LoRA masks each projection separately. Call "
@@ -237,16 +237,15 @@ def inject_tlora(
         adapter.to(device=projection.weight.device)
         if initialize:
             adapter.initialize(config, weight=projection.weight, generator=generator)
-        adapter.to(dtype=projection.weight.dtype if projection.weight.is_floating_point() else None)
-        # plain attributes, not submodules: the router is shared and must not enter state dicts
-        object.__setattr__(adapter, "router", router)
-        object.__setattr__(adapter, "adapter_name", adapter_name)
+        adapter.to(dtype=projection.weight.dtype)
+        adapter.router = router
+        adapter.adapter_name = adapter_name
         if not hasattr(projection, "tlora"):
             projection.tlora = nn.ModuleDict()
             projection.register_forward_hook(_add_tlora_update)
         projection.tlora[adapter_name] = adapter
         adapters[path] = adapter
-        attention = _parent_attention(unet, path)
+        attention = attention_of[path]
         if attention is not None and all(attention is not a for a in router.attention_modules):
             router.attention_modules.append(attention)
 
