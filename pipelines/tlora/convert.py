@@ -16,9 +16,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -120,23 +120,16 @@ def _write_folder(out_dir: Path, files: dict[str, Callable[[Path], None]], overw
 # reading
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: Path, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata); the tensors stay unread with `with_tensors=False`."""
     refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
+            return tensors, handle.metadata() or {}
     except FileNotFoundError:
         raise
     except Exception as error:  # safetensors raises its own error types for damaged headers
-        raise TLoraFileError(f"{path} is not a readable safetensors file: {error}") from None
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The header metadata alone, without loading tensors."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
-    except Exception as error:
         raise TLoraFileError(f"{path} is not a readable safetensors file: {error}") from None
 
 
@@ -174,6 +167,11 @@ def locate_official_weights(path: str | os.PathLike) -> Path:
 def _foreign_layout(path: Path, tensors: dict, metadata: dict) -> TLoraFileError:
     if METADATA_KEY in metadata:
         return TLoraFileError(f"{path} is already a T-LoRA file of this package; there is nothing to import.")
+    if EXPORT_METADATA_KEY in metadata:
+        description = json.loads(metadata[EXPORT_METADATA_KEY]).get("description", "")
+        return TLoraFileError(
+            f"{path} is a standard LoRA (no timestep schedule), exported from a T-LoRA: {description}"
+        )
     if any(marker in key for key in tensors for marker in ("lora_A", "lora_down", ".lora.down")):
         return TLoraFileError(f"{path} is a standard LoRA (no timestep schedule), not a T-LoRA. {KNOWN_LAYOUTS}")
     return TLoraFileError(f"{path} is not in a known adapter layout. {KNOWN_LAYOUTS}")
@@ -220,7 +218,9 @@ def read_official_checkpoint(
 
 def _validate(state_dict: dict[str, torch.Tensor], config: TLoraConfig) -> None:
     """The core file checks (keys, completeness, shapes for the config's rank, finite values)."""
-    shapes = {path: (in_features, out_features) for path, (in_features, out_features, _) in module_shapes(state_dict).items()}
+    shapes = {
+        path: (in_features, out_features) for path, (in_features, out_features, _) in module_shapes(state_dict).items()
+    }
     split_state_dict(state_dict, config, shapes)
 
 
@@ -261,8 +261,13 @@ def import_official(
     """
     target = Path(out_dir) / WEIGHT_NAME
     _check_free([target], overwrite)
-    overrides = dict(rank=rank, min_rank=min_rank, schedule_exponent=schedule_exponent, variant=variant)
-    overrides["base_model"] = base_model
+    overrides = {
+        "rank": rank,
+        "min_rank": min_rank,
+        "schedule_exponent": schedule_exponent,
+        "variant": variant,
+        "base_model": base_model,
+    }
     official = read_official_checkpoint(checkpoint, hparams, overrides)
     config, notes = resolve_config(official.variant, official.shapes, official.settings)
     _validate(official.state_dict, config)
@@ -281,6 +286,8 @@ def export_official(
     tensors = tlora_to_official_state_dict(state_dict, config)
     hparams = hparams_for(config)
     notes = [f"hparams: trainer_type {hparams['trainer_type']!r}, sig_type {hparams['sig_type']!r}"]
+    if config.init.startswith("weight-"):
+        notes.append(f"init {config.init!r} (SVD of the base weights) is written as trainer_type 'ortho_lora'")
     if config.scale != 1.0:
         notes.append(f"adapter scale {config.scale:g} (lora_alpha / rank) folded into the up factors")
     if config.num_train_timesteps != OFFICIAL_NUM_TRAIN_TIMESTEPS:
@@ -291,7 +298,9 @@ def export_official(
     for module, projections in sorted(missing_projections(tensors).items()):
         notes.append(f"{module} has no adapter on {', '.join(projections)}; the authors' loader expects all four")
     files = {
-        f"checkpoint-{step}/{OFFICIAL_WEIGHT_NAME}": lambda path: save_file(tensors, str(path)),
+        f"checkpoint-{step}/{OFFICIAL_WEIGHT_NAME}": lambda path: save_file(
+            tensors, str(path), metadata={"format": "pt"}
+        ),
         f"{LOGS_DIR}/{HPARAMS_NAME}": lambda path: path.write_text(format_hparams(hparams)),
     }
     outputs = _write_folder(Path(out_dir), files, overwrite)
@@ -313,7 +322,7 @@ def export_lora(
     *,
     timestep: float | None = None,
     rank: int | None = None,
-    format: str = "diffusers",
+    lora_format: str = "diffusers",
     overwrite: bool = False,
 ) -> ConversionResult:
     """Freeze the adapter at the rank of `timestep`, or at `rank` (default: full rank), as a standard LoRA.
@@ -322,8 +331,8 @@ def export_lora(
     """
     if timestep is not None and rank is not None:
         raise ValueError("Give a timestep or a rank to freeze at, not both.")
-    if format not in FORMATS:
-        raise ValueError(f"Unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}.")
+    if lora_format not in FORMATS:
+        raise ValueError(f"Unknown LoRA format {lora_format!r}; choose one of {', '.join(FORMATS)}.")
     target = _lora_target(Path(out))
     _check_free([target], overwrite)
     state_dict, config = read_adapter(source)
@@ -333,7 +342,7 @@ def export_lora(
         rank = rank_at_timestep(config, timestep)
     elif rank is None:
         rank = config.rank
-    tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), format)
+    tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), lora_format)
     description = describe_export(config, rank)
     record = {"description": description, "rank": rank, "timestep": timestep, "tlora_config": config.to_dict()}
     metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(record, sort_keys=True)}
@@ -349,11 +358,9 @@ def _parameter_counts(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
 def _read_for_inspection(path: Path, hparams) -> tuple[str, dict[str, torch.Tensor], TLoraConfig | None, list[str]]:
     """(layout name, our tensors, config or None when the schedule is unknown, notes)."""
     weights = path / WEIGHT_NAME if path.is_dir() and (path / WEIGHT_NAME).is_file() else path
-    if weights.is_file():
-        refuse_pickle(weights)
-        if METADATA_KEY in _safetensors_metadata(weights):
-            state_dict, config = read_adapter(weights)
-            return "T-LoRA (this package)", state_dict, config, []
+    if weights.is_file() and METADATA_KEY in _read_safetensors(weights, with_tensors=False)[1]:
+        state_dict, config = read_adapter(weights)
+        return "T-LoRA (this package)", state_dict, config, []
     official = read_official_checkpoint(path, hparams)
     notes = [f"settings read from {official.hparams}" if official.hparams else "no hparams.yml found"]
     try:
@@ -394,8 +401,10 @@ def format_inspection(info: dict) -> str:
         lines += [
             f"variant: {config['variant']}",
             f"rank: {config['rank']}, min_rank: {config['min_rank']}",
-            f"schedule: r(t) = floor(((T - t) / T) ** {config['schedule_exponent']:g} * "
-            f"({config['rank']} - {config['min_rank']})) + {config['min_rank']}, T = {config['num_train_timesteps']}",
+            (
+                f"schedule: r(t) = floor(((T - t) / T) ** {config['schedule_exponent']:g} * ({config['rank']} - "
+                f"{config['min_rank']})) + {config['min_rank']}, T = {config['num_train_timesteps']}"
+            ),
             f"scale: {scale}",
             f"init: {config['init']}",
             f"base model: {config['base_model'] or 'unknown'}",

@@ -12,9 +12,9 @@ the others: what is lost is the timestep dependence itself.
 Two key layouts:
 - "diffusers": PEFT keys `unet.<module path>.lora_A.weight` / `.lora_B.weight`, as written by
   `StableDiffusionXLPipeline.save_lora_weights`; no alphas, so diffusers uses scale 1.
-- "kohya": `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha` (alpha = rank, scale 1) with
-  kohya's SD-XL module names, those of the original (SGM) UNet (`input_blocks.4.1...`), which kohya's trainers,
-  ComfyUI, A1111 and diffusers' `load_lora_weights` all read.
+- "kohya": `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha` (alpha = rank, scale 1) with the
+  module names kohya's sd-scripts give SD-XL, those of the original (SGM) UNet (`input_blocks_4_1_...`), as in
+  kohya-trained SD-XL LoRAs; diffusers' `load_lora_weights` maps them back to its own module paths.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ FORMATS = ("diffusers", "kohya")
 # its layers consecutively, with a downsampler after each down block.
 SDXL_LAYERS_PER_BLOCK = 2
 
-_BLOCK_ATTENTION = re.compile(r"^(?P<kind>down_blocks|up_blocks)\.(?P<block>\d+)\.attentions\.(?P<layer>\d+)\.(?P<rest>.+)$")
+_BLOCK_ATTENTION = re.compile(
+    r"^(?P<kind>down_blocks|up_blocks)\.(?P<block>\d+)\.attentions\.(?P<layer>\d+)\.(?P<rest>.+)$"
+)
 _MID_ATTENTION = re.compile(r"^mid_block\.attentions\.0\.(?P<rest>.+)$")
 
 
@@ -127,12 +129,12 @@ def kohya_state_dict(frozen: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> di
     return tensors
 
 
-def lora_state_dict(frozen: dict[str, tuple[torch.Tensor, torch.Tensor]], format: str) -> dict[str, torch.Tensor]:
-    if format == "diffusers":
+def lora_state_dict(frozen: dict[str, tuple[torch.Tensor, torch.Tensor]], lora_format: str) -> dict[str, torch.Tensor]:
+    if lora_format == "diffusers":
         return peft_state_dict(frozen)
-    if format == "kohya":
+    if lora_format == "kohya":
         return kohya_state_dict(frozen)
-    raise ValueError(f"Unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}.")
+    raise ValueError(f"Unknown LoRA format {lora_format!r}; choose one of {', '.join(FORMATS)}.")
 
 
 def describe_export(config: TLoraConfig, rank: int) -> str:

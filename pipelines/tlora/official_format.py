@@ -2,7 +2,7 @@
 
 Their trainer saves the UNet's attention processors with diffusers' `save_attn_procs`:
 
-    <run>/checkpoint-N/pytorch_lora_weights.safetensors     tensors only, no metadata
+    <run>/checkpoint-N/pytorch_lora_weights.safetensors     tensors only, no settings
     <run>/logs/hparams.yml                                  the training arguments, a flat YAML mapping
 
 Tensor keys are `<proc>.processor.<to_q|to_k|to_v|to_out>_lora.<param>`, where `<proc>` is the attention module
@@ -145,7 +145,9 @@ def missing_projections(official_keys) -> dict[str, list[str]]:
     for key in official_keys:
         match = _KEY_PATTERN.match(key)
         present.setdefault(match["module"], set()).add(match["projection"])
-    return {module: sorted(PROJECTIONS.keys() - found) for module, found in present.items() if found != PROJECTIONS.keys()}
+    return {
+        module: sorted(PROJECTIONS.keys() - found) for module, found in present.items() if found != PROJECTIONS.keys()
+    }
 
 
 class _HparamsLoader(yaml.SafeLoader):
@@ -167,7 +169,7 @@ _HparamsLoader.add_multi_constructor("", _construct_plain)
 def parse_hparams(text: str, source: str = "hparams.yml") -> dict:
     """The training arguments from the text of an hparams.yml file."""
     try:
-        data = yaml.load(text, Loader=_HparamsLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_HparamsLoader)  # a SafeLoader subclass: constructs plain data only
     except yaml.YAMLError as error:
         raise TLoraFileError(f"{source} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -216,16 +218,16 @@ def settings_from_hparams(hparams: dict, source: str) -> ScheduleSettings:
     trainer_type = _typed(hparams, "trainer_type", str, source)
     if trainer_type is not None:
         if trainer_type not in TRAINER_TYPES:
-            raise TLoraFileError(
-                f"{source}: unknown trainer_type {trainer_type!r}; known: {', '.join(TRAINER_TYPES)}."
-            )
+            raise TLoraFileError(f"{source}: unknown trainer_type {trainer_type!r}; known: {', '.join(TRAINER_TYPES)}.")
         settings.variant, settings.init_source = TRAINER_TYPES[trainer_type]
     trainer_class = _typed(hparams, "trainer_class", str, source)
     if trainer_class is not None:
         settings.masked = trainer_class != UNMASKED_TRAINER_CLASS
     if settings.sig_type is not None and settings.sig_type not in SIG_TYPES:
         raise TLoraFileError(f"{source}: unknown sig_type {settings.sig_type!r}; known: {', '.join(SIG_TYPES)}.")
-    settings.sources = {name: source for name, value in vars(settings).items() if value is not None and name != "sources"}
+    settings.sources = {
+        name: source for name, value in vars(settings).items() if value is not None and name != "sources"
+    }
     return settings
 
 
@@ -338,9 +340,10 @@ def hparams_for(config: TLoraConfig) -> dict:
     if config.variant == "vanilla":
         trainer_type, sig_type = "lora", DEFAULT_SIG_TYPE
     else:
-        source, _, pick = config.init.partition("-")
-        trainer_type = "lortho_lora" if source == "weight" else "ortho_lora"
-        sig_type = pick if pick in SIG_TYPES else DEFAULT_SIG_TYPE
+        # "ortho_lora" whatever the init: their inference builds "lortho_lora" processors only with the base
+        # weights at hand, which it never passes, while the forward math of both is the same.
+        trainer_type, sig_type = "ortho_lora", config.init.partition("-")[2]
+        sig_type = sig_type if sig_type in SIG_TYPES else DEFAULT_SIG_TYPE
     hparams = {
         "lora_rank": config.rank,
         "min_rank": config.min_rank,

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Convert T-LoRA adapters between this package's format, the T-LoRA authors' checkpoints and standard LoRA files.
+
+Usage::
+
+    python scripts/convert_tlora.py import-official CHECKPOINT_DIR OUT_DIR [--hparams PATH] [--rank R]
+        [--min-rank R_MIN] [--schedule-exponent E] [--variant ortho|vanilla] [--base-model NAME] [--overwrite]
+    python scripts/convert_tlora.py export-official IN OUT_DIR [--step N] [--overwrite]
+    python scripts/convert_tlora.py export-lora IN OUT [--timestep T | --rank K] [--format diffusers|kohya]
+        [--overwrite]
+    python scripts/convert_tlora.py inspect FILE [--hparams PATH]
+
+IN is a `pytorch_tlora_weights.safetensors` file or a folder holding one. Errors print `error: ...` and exit with
+status 2. The conversions themselves live in `pipelines.tlora.convert`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pipelines.tlora import convert  # noqa: E402
+from pipelines.tlora.lora_export import FORMATS  # noqa: E402
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert_tlora.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    importer = commands.add_parser(
+        "import-official",
+        help="authors' checkpoint -> this package's T-LoRA file",
+        description="Read <run>/checkpoint-N (and <run>/logs/hparams.yml) and write OUT_DIR/pytorch_tlora_weights."
+        "safetensors. The tensors decide the variant; flags override hparams.yml.",
+    )
+    importer.add_argument("checkpoint", type=Path, help="checkpoint-N folder or its pytorch_lora_weights.safetensors")
+    importer.add_argument("out_dir", type=Path)
+    importer.add_argument("--hparams", type=Path, help="hparams.yml (default: <run>/logs/hparams.yml)")
+    importer.add_argument("--rank", type=_positive_int, help="maximum rank (lora_rank)")
+    importer.add_argument("--min-rank", type=_positive_int, help="minimum rank of the schedule (min_rank)")
+    importer.add_argument("--schedule-exponent", type=float, help="schedule exponent (alpha_rank_scale)")
+    importer.add_argument("--variant", choices=("ortho", "vanilla"), help="expected variant (checked against the keys)")
+    importer.add_argument("--base-model", help="base model name recorded in the file")
+    importer.add_argument("--overwrite", action="store_true")
+
+    exporter = commands.add_parser(
+        "export-official",
+        help="T-LoRA file -> authors' layout",
+        description="Write OUT_DIR/checkpoint-STEP/pytorch_lora_weights.safetensors and OUT_DIR/logs/hparams.yml.",
+    )
+    exporter.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
+    exporter.add_argument("out_dir", type=Path)
+    exporter.add_argument("--step", type=int, default=0, help="checkpoint number in the folder name (default 0)")
+    exporter.add_argument("--overwrite", action="store_true")
+
+    lora = commands.add_parser(
+        "export-lora",
+        help="T-LoRA file -> standard LoRA frozen at one rank",
+        description="Freeze the rank mask at one timestep or rank (default: full rank) and write a standard LoRA. "
+        "The result has no timestep masking: it is exact only where the schedule uses that rank.",
+    )
+    lora.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
+    lora.add_argument("out", type=Path, metavar="OUT", help="a .safetensors file, or a folder")
+    frozen_at = lora.add_mutually_exclusive_group()
+    frozen_at.add_argument("--timestep", type=float, help="freeze at the rank the schedule uses at this timestep")
+    frozen_at.add_argument("--rank", type=_positive_int, help="freeze at this many active components")
+    lora.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="diffusers",
+        help="diffusers: PEFT keys (unet.<module>.lora_A/B); kohya: lora_unet_<SD-XL module>.lora_down/up/alpha",
+    )
+    lora.add_argument("--overwrite", action="store_true")
+
+    inspector = commands.add_parser("inspect", help="summarise an adapter in either layout")
+    inspector.add_argument("path", type=Path, metavar="FILE")
+    inspector.add_argument("--hparams", type=Path, help="hparams.yml of an authors' checkpoint")
+    return parser
+
+
+def _run(args) -> str:
+    if args.command == "inspect":
+        return convert.format_inspection(convert.inspect_adapter(args.path, hparams=args.hparams))
+    if args.command == "import-official":
+        result = convert.import_official(
+            args.checkpoint,
+            args.out_dir,
+            hparams=args.hparams,
+            rank=args.rank,
+            min_rank=args.min_rank,
+            schedule_exponent=args.schedule_exponent,
+            variant=args.variant,
+            base_model=args.base_model,
+            overwrite=args.overwrite,
+        )
+    elif args.command == "export-official":
+        result = convert.export_official(args.source, args.out_dir, step=args.step, overwrite=args.overwrite)
+    else:
+        result = convert.export_lora(
+            args.source,
+            args.out,
+            timestep=args.timestep,
+            rank=args.rank,
+            lora_format=args.format,
+            overwrite=args.overwrite,
+        )
+    config = result.config
+    lines = [f"wrote {path}" for path in result.outputs]
+    lines.append(f"{config.variant} T-LoRA, rank {config.rank}, min_rank {config.min_rank}")
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(_run(args))
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
