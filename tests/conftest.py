@@ -26,12 +26,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["DIFFUSERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# The test models are tiny: a second thread costs more than it saves, and on a busy machine OpenMP's waiting
+# threads slow small matmuls and SVDs down by orders of magnitude. Subprocesses inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 EXAMPLE_IMAGE = REPO_ROOT / "examples" / "concept.png"
 

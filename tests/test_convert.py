@@ -49,16 +49,6 @@ def hparams_for(variant: str, **changes) -> dict:
     return hparams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tensors here are tiny: handing them to a second thread costs more than it saves, and on a busy machine
-    OpenMP's waiting threads slow small SVDs and matmuls down by orders of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def attention_shapes(tiny_sdxl_dir) -> dict[str, dict[str, tuple[int, int]]]:
     """`{attention processor name: {their projection: (in_features, out_features)}}` of the tiny UNet."""

@@ -28,6 +28,7 @@ from .loader import (
     register,
     save_tlora_weights,
     set_tlora_scale,
+    set_tlora_state_dict,
     tlora_state_dict,
     unload_tlora_weights,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "save_tlora_file",
     "save_tlora_weights",
     "set_tlora_scale",
+    "set_tlora_state_dict",
     "tlora_state_dict",
     "unload_tlora_weights",
 ]

@@ -159,7 +159,9 @@ class OrthoTLoraAdapter(TLoraAdapter):
         if torch.is_grad_enabled():
             mask = _broadcast_mask(state.dense_mask(self.rank, x.device, x.dtype), x, self.rank)
             trained = F.linear(F.linear(x, self.down) * (self.lam * mask), self.up)
-            frozen = F.linear(F.linear(x, self.down_base) * (self.lam_base * mask), self.up_base)
+            # training may keep the parameters in fp32 while `.to()` left the frozen buffers in the UNet's dtype
+            down_base, up_base, lam_base = (t.to(x.dtype) for t in (self.down_base, self.up_base, self.lam_base))
+            frozen = F.linear(F.linear(x, down_base) * (lam_base * mask), up_base)
             return trained - frozen
         down, up = self._folded_factors()
         if state.active_rank is not None:

@@ -129,7 +129,24 @@ def load_tlora_into_unet(
             f"pipeline's scheduler has {num_train_timesteps}; the active ranks will not match those of training.",
             stacklevel=3,
         )
-    adapters = inject_tlora(unet, config, adapter_name, paths=list(grouped), initialize=False)
+    _copy_into(inject_tlora(unet, config, adapter_name, paths=list(grouped), initialize=False), grouped)
+
+
+def set_tlora_state_dict(unet: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Copy saved tensors into the adapter already attached as `adapter_name`, keeping its parameter objects
+    (an optimizer or DDP holds references to them), as when resuming training."""
+    config = get_tlora_config(unet, adapter_name)
+    grouped = split_state_dict(state_dict, config, projection_shapes(unet))
+    adapters = get_tlora_adapters(unet, adapter_name)
+    if set(grouped) != set(adapters):
+        different = sorted(set(grouped) ^ set(adapters))[0]
+        raise TLoraFileError(
+            f"The state dict and the attached adapter {adapter_name!r} adapt different modules (e.g. {different!r})."
+        )
+    _copy_into(adapters, grouped)
+
+
+def _copy_into(adapters: dict, grouped: dict[str, dict[str, torch.Tensor]]) -> None:
     with torch.no_grad():
         for path, tensors in grouped.items():
             for attribute, tensor in tensors.items():
