@@ -32,10 +32,8 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -52,7 +50,7 @@ from safetensors import SafetensorError, safe_open  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import pipelines.tlora as tl  # noqa: E402  (also gives the SD-XL pipelines load_tlora_weights)
-from pipelines.tlora.file_format import METADATA_KEY, refuse_pickle  # noqa: E402
+from pipelines.tlora.file_format import METADATA_KEY, refuse_pickle, write_atomically  # noqa: E402
 from scripts.eval_metrics import (  # noqa: E402
     MASK_FILL,
     ClipEmbedder,
@@ -379,19 +377,6 @@ def check_adapters_load(pipe, adapters: list[AdapterSpec], base_model: str) -> N
 
 
 # --------------------------------------------------------------------------- output files
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, so an interrupted run leaves no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -25,7 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import TLoraConfig, TLoraConfigError
-from .file_format import METADATA_KEY, WEIGHT_NAME, TLoraFileError, refuse_pickle, split_state_dict
+from .file_format import (
+    METADATA_KEY,
+    WEIGHT_NAME,
+    TLoraFileError,
+    refuse_pickle,
+    split_state_dict,
+    write_atomically,
+)
 from .loader import save_tlora_weights, tlora_state_dict
 from .lora_export import FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
 from .official_format import (
@@ -74,20 +81,6 @@ def _check_free(paths: list[Path], overwrite: bool) -> None:
     existing = [str(path) for path in paths if path.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"Output already exists: {', '.join(existing)}. Pass --overwrite to replace it.")
-
-
-def _write_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through `write(temporary path)`, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
 
 
 def _write_folder(out_dir: Path, files: dict[str, Callable[[Path], None]], overwrite: bool) -> list[Path]:
@@ -346,7 +339,7 @@ def export_lora(
     description = describe_export(config, rank)
     record = {"description": description, "rank": rank, "timestep": timestep, "tlora_config": config.to_dict()}
     metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(record, sort_keys=True)}
-    _write_file(target, lambda path: save_file(tensors, str(path), metadata=metadata))
+    write_atomically(target, lambda path: save_file(tensors, str(path), metadata=metadata))
     return ConversionResult([target], config, [description])
 
 

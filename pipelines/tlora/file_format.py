@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,20 +63,27 @@ def pack_unet_layers(unet_tlora_layers: dict[str, torch.Tensor]) -> dict[str, to
     return {k if k.startswith(UNET_PREFIX) else UNET_PREFIX + k: v for k, v in unet_tlora_layers.items()}
 
 
-def save_tlora_file(state_dict: dict[str, torch.Tensor], config: TLoraConfig, path: str | os.PathLike) -> Path:
-    """Write the file atomically: a temporary file in the same folder, renamed when complete."""
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write through `write(temporary path)` in the same folder, then rename into place: an interrupted write
+    never leaves a partial file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in pack_unet_layers(state_dict).items()}
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(tensors, temporary, metadata={"format": "pt", METADATA_KEY: config.to_json()})
+        write(Path(temporary))
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def save_tlora_file(state_dict: dict[str, torch.Tensor], config: TLoraConfig, path: str | os.PathLike) -> Path:
+    """Write the adapter file (atomically)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in pack_unet_layers(state_dict).items()}
+    metadata = {"format": "pt", METADATA_KEY: config.to_json()}
+    return write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def _describe_foreign_keys(keys) -> str | None:
