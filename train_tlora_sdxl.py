@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 import pipelines.tlora as tl
+from scripts.arguments import non_negative_int, positive_int
 from pipelines.tlora.file_format import METADATA_KEY
 
 logger = get_logger(__name__)
@@ -96,20 +97,6 @@ class HubError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -161,7 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are stored.")
     data.add_argument(
         "--resolution",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         help="Training resolution in pixels (divisible by 8): images are resized and cropped to a square of this size.",
     )
@@ -172,7 +159,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     data.add_argument(
-        "--repeats", type=_positive_int, default=1, help="How many times each instance image appears per pass."
+        "--repeats", type=positive_int, default=1, help="How many times each instance image appears per pass."
     )
 
     prior = parser.add_argument_group("prior preservation")
@@ -187,11 +174,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--class_prompt", type=str, default=None, help='Prompt of the class images, e.g. "a photo of a dog".'
     )
     prior.add_argument(
-        "--num_class_images", type=_positive_int, default=100, help="Number of class images to train with."
+        "--num_class_images", type=positive_int, default=100, help="Number of class images to train with."
     )
     prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     prior.add_argument(
-        "--sample_batch_size", type=_positive_int, default=4, help="Batch size for generating class images."
+        "--sample_batch_size", type=positive_int, default=4, help="Batch size for generating class images."
     )
 
     validation = parser.add_argument_group("validation and sampling")
@@ -204,14 +191,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="One or more prompts to sample during training (quote each; the flag may be repeated).",
     )
     validation.add_argument(
-        "--num_validation_images", type=_non_negative_int, default=4, help="Images per validation prompt."
+        "--num_validation_images", type=non_negative_int, default=4, help="Images per validation prompt."
     )
     validation.add_argument(
-        "--validation_steps", type=_positive_int, default=100, help="Run validation every X steps (and at the end)."
+        "--validation_steps", type=positive_int, default=100, help="Run validation every X steps (and at the end)."
     )
     validation.add_argument(
         "--num_inference_steps",
-        type=_positive_int,
+        type=positive_int,
         default=25,
         help="Denoising steps for validation and class images (the paper samples with 25).",
     )
@@ -220,10 +207,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     tlora = parser.add_argument_group("T-LoRA")
-    tlora.add_argument("--rank", type=_positive_int, default=64, help="Maximum rank R (the rank at timestep 0).")
+    tlora.add_argument("--rank", type=positive_int, default=64, help="Maximum rank R (the rank at timestep 0).")
     tlora.add_argument(
         "--min_rank",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="Rank at the highest noise level (default rank // 2). Equal to --rank: unmasked LoRA / Ortho-LoRA.",
     )
@@ -258,10 +245,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     optimization = parser.add_argument_group("schedule and optimizer")
-    optimization.add_argument("--train_batch_size", type=_positive_int, default=1, help="Batch size per device.")
-    optimization.add_argument("--max_train_steps", type=_positive_int, default=800, help="Number of optimizer steps.")
+    optimization.add_argument("--train_batch_size", type=positive_int, default=1, help="Batch size per device.")
+    optimization.add_argument("--max_train_steps", type=positive_int, default=800, help="Number of optimizer steps.")
     optimization.add_argument(
-        "--gradient_accumulation_steps", type=_positive_int, default=1, help="Batches per optimizer step."
+        "--gradient_accumulation_steps", type=positive_int, default=1, help="Batches per optimizer step."
     )
     optimization.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate (after warmup).")
     optimization.add_argument(
@@ -272,10 +259,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="Learning-rate schedule.",
     )
     optimization.add_argument(
-        "--lr_warmup_steps", type=_non_negative_int, default=0, help="Warmup steps of the schedule."
+        "--lr_warmup_steps", type=non_negative_int, default=0, help="Warmup steps of the schedule."
     )
     optimization.add_argument(
-        "--lr_num_cycles", type=_positive_int, default=1, help="Restarts of cosine_with_restarts."
+        "--lr_num_cycles", type=positive_int, default=1, help="Restarts of cosine_with_restarts."
     )
     optimization.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     optimization.add_argument(
@@ -294,12 +281,12 @@ def _build_parser() -> argparse.ArgumentParser:
     checkpoints = parser.add_argument_group("checkpoints")
     checkpoints.add_argument(
         "--checkpointing_steps",
-        type=_positive_int,
+        type=positive_int,
         default=500,
         help="Save a resumable checkpoint-N folder every X steps.",
     )
     checkpoints.add_argument(
-        "--checkpoints_total_limit", type=_positive_int, default=None, help="Keep at most this many checkpoints."
+        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints."
     )
     checkpoints.add_argument(
         "--resume_from_checkpoint",
@@ -334,9 +321,9 @@ def _build_parser() -> argparse.ArgumentParser:
     system.add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
     )
-    system.add_argument("--seed", type=_non_negative_int, default=None, help="Seed for a reproducible run.")
+    system.add_argument("--seed", type=non_negative_int, default=None, help="Seed for a reproducible run.")
     system.add_argument(
-        "--dataloader_num_workers", type=_non_negative_int, default=0, help="Data loading subprocesses."
+        "--dataloader_num_workers", type=non_negative_int, default=0, help="Data loading subprocesses."
     )
     system.add_argument(
         "--cache_latents",

@@ -25,14 +25,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from pipelines.tlora import convert  # noqa: E402
+from scripts.arguments import positive_int  # noqa: E402
 from pipelines.tlora.lora_export import FORMATS  # noqa: E402
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("checkpoint", type=Path, help="checkpoint-N folder or its pytorch_lora_weights.safetensors")
     importer.add_argument("out_dir", type=Path)
     importer.add_argument("--hparams", type=Path, help="hparams.yml (default: <run>/logs/hparams.yml)")
-    importer.add_argument("--rank", type=_positive_int, help="maximum rank (lora_rank)")
-    importer.add_argument("--min-rank", type=_positive_int, help="minimum rank of the schedule (min_rank)")
+    importer.add_argument("--rank", type=positive_int, help="maximum rank (lora_rank)")
+    importer.add_argument("--min-rank", type=positive_int, help="minimum rank of the schedule (min_rank)")
     importer.add_argument("--schedule-exponent", type=float, help="schedule exponent (alpha_rank_scale)")
     importer.add_argument("--variant", choices=("ortho", "vanilla"), help="expected variant (checked against the keys)")
     importer.add_argument("--base-model", help="base model name recorded in the file")
@@ -75,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("out", type=Path, metavar="OUT", help="a .safetensors file, or a folder")
     frozen_at = lora.add_mutually_exclusive_group()
     frozen_at.add_argument("--timestep", type=float, help="freeze at the rank the schedule uses at this timestep")
-    frozen_at.add_argument("--rank", type=_positive_int, help="freeze at this many active components")
+    frozen_at.add_argument("--rank", type=positive_int, help="freeze at this many active components")
     lora.add_argument(
         "--format",
         choices=FORMATS,

@@ -50,6 +50,7 @@ from safetensors import SafetensorError, safe_open  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import pipelines.tlora as tl  # noqa: E402  (also gives the SD-XL pipelines load_tlora_weights)
+from scripts.arguments import positive_int  # noqa: E402
 from pipelines.tlora.file_format import METADATA_KEY, refuse_pickle, write_atomically  # noqa: E402
 from scripts.eval_metrics import (  # noqa: E402
     MASK_FILL,
@@ -679,13 +680,6 @@ def metrics_markdown(metrics: dict) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate evaluation images for SD-XL adapters and score concept fidelity (IS, DINO-IS) "
@@ -716,22 +710,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prompt_list", help="which list of a --prompts file holding several")
     parser.add_argument(
-        "--max_prompts", type=_positive_int, help="use only the first N contextual and N complex prompts"
+        "--max_prompts", type=positive_int, help="use only the first N contextual and N complex prompts"
     )
     parser.add_argument(
-        "--images_per_prompt", type=_positive_int, default=5, help="images per prompt (default and paper: 5)"
+        "--images_per_prompt", type=positive_int, default=5, help="images per prompt (default and paper: 5)"
     )
     parser.add_argument(
         "--base_prompt_images",
-        type=_positive_int,
+        type=positive_int,
         default=15,
         help="images of the base prompt, scored by IS and DINO-IS (default and paper: 15)",
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it (default 0)")
-    parser.add_argument("--num_inference_steps", type=_positive_int, default=25, help="denoising steps (default 25)")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance (default 5.0)")
-    parser.add_argument("--resolution", type=_positive_int, default=1024, help="image width and height (default 1024)")
-    parser.add_argument("--batch_size", type=_positive_int, default=1, help="images per pipeline call (default 1)")
+    parser.add_argument("--resolution", type=positive_int, default=1024, help="image width and height (default 1024)")
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="images per pipeline call (default 1)")
     parser.add_argument("--output_dir", required=True, help="where images, metrics and contact sheets go")
     parser.add_argument(
         "--clip_model", default="openai/clip-vit-base-patch32", help="CLIP model for IS and TS (default %(default)s)"
