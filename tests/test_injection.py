@@ -62,8 +62,10 @@ def test_rank_follows_timestep(tiny_pipe):
         assert router.states["default"].active_rank == 4
         run_unet(unet, inputs, 0.0)
         assert router.states["default"].active_rank == 16
-    run_unet(unet, inputs, torch.tensor([500]))
-    assert router.states["default"].mask.sum().item() == 10
+    run_unet(unet, inputs, torch.tensor([500]))  # training with one timestep: also a Python rank
+    assert router.states["default"].active_rank == 10
+    run_unet(unet, unet_inputs(unet, batch=2), torch.tensor([500, 999]))
+    assert router.states["default"].mask.sum(dim=1).tolist() == [10, 4]
 
 
 def grads(unet, inputs, timesteps):

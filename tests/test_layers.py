@@ -104,3 +104,20 @@ def test_rank_is_capped_by_layer_size():
     assert adapter.down.shape == (8, 8) and adapter.up.shape == (32, 8)
     with pytest.raises(ValueError, match="3 timesteps for a projection input of batch size 2"):
         adapter(torch.randn(2, 4, 8), RankState(mask=torch.ones(3, 16)))
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "ortho"])
+def test_active_rank_gives_the_gradients_of_the_mask(variant):
+    x = torch.randn(1, 6, IN, generator=torch.Generator().manual_seed(5))
+
+    def gradients(state):
+        adapter = ortho() if variant == "ortho" else vanilla()
+        perturb_adapters({"layer": adapter}, seed=3, std=0.2)
+        adapter(x, state).square().sum().backward()
+        return [p.grad for p in adapter.parameters()]
+
+    masked = gradients(RankState(mask=torch.cat([torch.ones(9), torch.zeros(RANK - 9)])[None]))
+    sliced = gradients(RankState(active_rank=9))
+    for a, b in zip(masked, sliced):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert masked[0][9:].abs().max() == 0  # inactive components learn nothing

@@ -165,9 +165,10 @@ class TimestepRouter:
                 "one for all."
             )
         on_host = not torch.is_tensor(timesteps) or timesteps.device.type == "cpu"
-        if count == 1 and on_host and not torch.is_grad_enabled():
-            # Inference with one timestep for the batch: a Python rank lets the layers skip the inactive
-            # components. Only for timesteps already on the host, so this never waits for an accelerator.
+        if count == 1 and on_host:
+            # One timestep for the batch: a Python rank lets the layers skip the inactive components (with
+            # exactly the gradients of the masked form). Only for timesteps already on the host, so this never
+            # waits for an accelerator.
             return RankState(active_rank=int(rank_schedule(timesteps, *schedule)))
         return RankState(mask=rank_mask(timesteps, *schedule, dtype=sample.dtype, device=sample.device))
 

@@ -3,7 +3,7 @@
 An adapter computes only the update `delta(x)`; the projection it belongs to still computes `W x + b`
 itself (see `injection.py`). The rank mask arrives as a `RankState` built once per UNet call:
 either a `(B, R)` mask (one row per sample) or, when every sample shares one timestep, the number of
-active components, which lets inference skip the masked-out components entirely.
+active components, which lets the layers skip the masked-out components entirely.
 """
 
 from __future__ import annotations
@@ -23,12 +23,7 @@ class RankState:
     """The rank mask of one adapter for one UNet call."""
 
     mask: torch.Tensor | None = None  # (B, R) or (1, R); None when `active_rank` says it all
-    active_rank: int | None = None  # set when all samples share one rank and no gradient is needed
-
-    def dense_mask(self, rank: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        if self.mask is not None:
-            return self.mask
-        return (torch.arange(rank, device=device) < self.active_rank).to(dtype)[None]
+    active_rank: int | None = None  # set when all samples share one rank that is known on the host
 
     @cached_property
     def paired_mask(self) -> torch.Tensor:
@@ -154,15 +149,24 @@ class OrthoTLoraAdapter(TLoraAdapter):
             self._folded = (key, down, up.reshape(self.out_features, 2 * self.rank))
         return self._folded[1], self._folded[2]
 
+    def _two_branch_update(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
+        """The paper's form, for training: the frozen branch is subtracted exactly, so the update is exactly
+        zero at initialisation, and only the trained factors get gradients."""
+        k = self.rank if state.active_rank is None else min(state.active_rank, self.rank)
+        # training may keep the parameters in fp32 while `.to()` left the frozen buffers in the UNet's dtype
+        down_base, up_base, lam_base = (t.to(x.dtype) for t in (self.down_base, self.up_base, self.lam_base))
+        lam, lam_base = self.lam[:k], lam_base[:k]
+        if state.active_rank is None:
+            mask = _broadcast_mask(state.mask, x, self.rank)
+            lam, lam_base = lam * mask, lam_base * mask
+        trained = F.linear(F.linear(x, self.down[:k]) * lam, self.up[:, :k])
+        frozen = F.linear(F.linear(x, down_base[:k]) * lam_base, up_base[:, :k])
+        return trained - frozen
+
     def forward(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
         x = x.to(self.down.dtype)
         if torch.is_grad_enabled():
-            mask = _broadcast_mask(state.dense_mask(self.rank, x.device, x.dtype), x, self.rank)
-            trained = F.linear(F.linear(x, self.down) * (self.lam * mask), self.up)
-            # training may keep the parameters in fp32 while `.to()` left the frozen buffers in the UNet's dtype
-            down_base, up_base, lam_base = (t.to(x.dtype) for t in (self.down_base, self.up_base, self.lam_base))
-            frozen = F.linear(F.linear(x, down_base) * (lam_base * mask), up_base)
-            return trained - frozen
+            return self._two_branch_update(x, state)
         down, up = self._folded_factors()
         if state.active_rank is not None:
             k = 2 * min(state.active_rank, self.rank)
