@@ -31,6 +31,16 @@ class RankState:
         return self.mask.repeat_interleave(2, dim=-1)
 
 
+def _skip_inactive(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, active: int) -> torch.Tensor:
+    """`up[:, :active] @ down[:active] @ x`, the update with the inactive components left out.
+
+    The down product is computed a few rows wider, to a multiple of 8: GEMMs whose width is not a multiple of 8
+    take slow paths (CPU kernels, tensor cores), and the extra rows cost less than that.
+    """
+    width = min(down.shape[0], -(-active // 8) * 8)
+    return F.linear(F.linear(x, down[:width])[..., :active], up[:, :active])
+
+
 def _broadcast_mask(mask: torch.Tensor, hidden: torch.Tensor, rank: int) -> torch.Tensor:
     """Shape a `(B, R)` mask to multiply `hidden` (`(B, ..., rank)`), keeping one row per sample."""
     mask = mask[:, :rank]
@@ -72,8 +82,7 @@ class VanillaTLoraAdapter(TLoraAdapter):
     def forward(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
         x = x.to(self.down.dtype)
         if state.active_rank is not None:
-            k = min(state.active_rank, self.rank)
-            return F.linear(F.linear(x, self.down[:k]), self.up[:, :k])
+            return _skip_inactive(x, self.down, self.up, min(state.active_rank, self.rank))
         hidden = F.linear(x, self.down)
         return F.linear(hidden * _broadcast_mask(state.mask, hidden, self.rank), self.up)
 
@@ -169,8 +178,7 @@ class OrthoTLoraAdapter(TLoraAdapter):
             return self._two_branch_update(x, state)
         down, up = self._folded_factors()
         if state.active_rank is not None:
-            k = 2 * min(state.active_rank, self.rank)
-            return F.linear(F.linear(x, down[:k]), up[:, :k])
+            return _skip_inactive(x, down, up, 2 * min(state.active_rank, self.rank))
         hidden = F.linear(x, down)
         return F.linear(hidden * _broadcast_mask(state.paired_mask, hidden, 2 * self.rank), up)
 

@@ -1,0 +1,858 @@
+#!/usr/bin/env python
+"""Speed and memory of T-LoRA next to standard PEFT LoRA on an SD-XL UNet.
+
+    python scripts/benchmark.py infer [--size tiny|small|full] [--resolution PX] [--rank R] [--min-rank r]
+        [--repeats N] [--steps S] [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--threads T] [--json OUT]
+        [--dry-run]
+    python scripts/benchmark.py train [the same options] [--gradient_checkpointing] [--use_8bit_adam]
+        [--cli] [--cli-steps N] [--cli-repeats K]
+
+`infer` times a denoising step of the stock `StableDiffusionXLPipeline` (Euler, classifier-free guidance, so
+the UNet batch is 2) with precomputed prompt embeddings and `output_type="latent"`, so neither the text
+encoders nor the VAE are in the time. Configurations: no adapter, Vanilla T-LoRA and T-LoRA (ortho) of rank
+R (min rank R/2), loaded with `pipe.load_tlora_weights`, and standard LoRAs of rank R and 2R on the same
+projections, loaded with `pipe.load_lora_weights`.
+
+`train` times an optimizer step as the training script does it (noise a cached latent, one random timestep
+per sample, UNet forward, MSE loss, backward, AdamW step) for PEFT LoRA, Vanilla T-LoRA and T-LoRA of rank R,
+and measures each one's peak memory in a child process of its own. `--cli` also times the training script
+`train_tlora_sdxl.py` itself in its steady state.
+
+Sizes: `tiny` and `small` are the random fixtures of `scripts/make_tiny_sdxl.py` (64 and 256 px); `full` is
+the SD-XL base UNet architecture with random weights (1024 px), for a GPU. `--dry-run` builds the chosen UNet
+on the meta device and counts parameters and FLOPs per step without running anything.
+
+All configurations are held in memory at once, each on its own copy of the UNet, and every repeat visits each
+of them once (in a rotating order), so a slow moment of a shared machine slows them alike. The tables show
+medians and ratios; targets are printed as PASS/FAIL lines, where a ratio within the round-to-round spread of
+its limit passes. The exit status is 0 either way: timings are evidence, not a test. On a CPU shared with
+other work, `--threads 1` gives far steadier numbers: multi-threaded kernels stall whenever a core is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+
+import pipelines.tlora as tl  # noqa: E402
+from pipelines.tlora.file_format import write_atomically  # noqa: E402
+from scripts.arguments import positive_int  # noqa: E402
+from scripts.make_tiny_sdxl import CONFIGS, SCHEDULER_CONFIG, build_tiny_sdxl_pipeline, save_tiny_sdxl  # noqa: E402
+
+SIZES = ("tiny", "small", "full")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TARGET_MODULES = list(tl.DEFAULT_TARGET_MODULES)
+TRAIN_SCRIPT = REPO_ROOT / "train_tlora_sdxl.py"
+EXAMPLE_IMAGE = REPO_ROOT / "examples" / "concept.png"
+GUIDANCE_SCALE = 5.0
+PROMPT_TOKENS = 77
+SEED = 0
+PERTURBATION = 0.01  # scale of the random values that make loaded adapters non-zero
+MEMORY_TARGET_GB = 16.0
+MEGABYTE = 2**20
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: 2.57 B parameters, 140 attention modules.
+SDXL_BASE_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    use_linear_projection=True,
+    upcast_attention=False,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 * 256 (size and crop ids) + 1280 (pooled text embedding)
+)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One benchmarked configuration: no adapter, a T-LoRA variant, or a standard LoRA."""
+
+    name: str  # key in the JSON output
+    label: str
+    kind: str  # "none", "tlora" or "lora"
+    rank: int = 0
+    variant: str | None = None
+
+
+def infer_adapters(rank: int) -> list[Adapter]:
+    return [
+        Adapter("none", "no adapter", "none"),
+        Adapter("vanilla", f"Vanilla T-LoRA R={rank}", "tlora", rank, "vanilla"),
+        Adapter("ortho", f"T-LoRA (ortho) R={rank}", "tlora", rank, "ortho"),
+        Adapter(f"lora{rank}", f"LoRA r={rank}", "lora", rank),
+        Adapter(f"lora{2 * rank}", f"LoRA r={2 * rank}", "lora", 2 * rank),
+    ]
+
+
+def train_adapters(rank: int) -> list[Adapter]:
+    return [
+        Adapter(f"lora{rank}", f"LoRA r={rank}", "lora", rank),
+        Adapter("vanilla", f"Vanilla T-LoRA R={rank}", "tlora", rank, "vanilla"),
+        Adapter("ortho", f"T-LoRA (ortho) R={rank}", "tlora", rank, "ortho"),
+    ]
+
+
+# --------------------------------------------------------------------------- models and adapters
+
+
+def unet_config(size: str) -> dict:
+    return SDXL_BASE_UNET_CONFIG if size == "full" else CONFIGS[size]["unet"]
+
+
+def build_base_unet(size: str, device: str, dtype: torch.dtype):
+    """The frozen UNet and Euler scheduler of `size`, on `device` in `dtype`."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    if size == "full":
+        # Built on the target device: random init of 2.6 B parameters on a CPU takes minutes.
+        torch.manual_seed(SEED)
+        with torch.device(device):
+            unet = UNet2DConditionModel(**SDXL_BASE_UNET_CONFIG)
+        scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    else:
+        pipe = build_tiny_sdxl_pipeline(size, seed=SEED)
+        unet, scheduler = pipe.unet, pipe.scheduler
+    unet.to(device)
+    if unet.dtype != dtype:
+        unet.to(dtype)
+    return unet.eval().requires_grad_(False), scheduler
+
+
+def tlora_config(adapter: Adapter, min_rank: int) -> tl.TLoraConfig:
+    init = "normal" if adapter.variant == "vanilla" else "random-last"
+    return tl.TLoraConfig(rank=adapter.rank, min_rank=min_rank, variant=adapter.variant, init=init)
+
+
+def lora_config(rank: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+
+
+def _random_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return (torch.randn(tensor.shape, generator=generator) * PERTURBATION).to(tensor.device, tensor.dtype)
+
+
+def load_trained_tlora(pipe, adapter: Adapter, min_rank: int, folder: Path, generator: torch.Generator) -> None:
+    """Give the pipeline a T-LoRA adapter whose update is non-zero, through a file and `load_tlora_weights`."""
+    config = tlora_config(adapter, min_rank)
+    adapters = tl.inject_tlora(pipe.unet, config, generator=generator)
+    with torch.no_grad():
+        for module in adapters.values():
+            for parameter in module.parameters():
+                parameter.add_(_random_like(parameter, generator))
+    tl.save_tlora_weights(folder, tl.get_tlora_state_dict(pipe.unet), config)
+    tl.remove_tlora(pipe.unet)
+    pipe.load_tlora_weights(folder)
+
+
+def load_trained_lora(pipe, rank: int, folder: Path, generator: torch.Generator) -> None:
+    """Give the pipeline a standard LoRA with a non-zero update, saved and loaded as a user would."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipe.unet.add_adapter(lora_config(rank))
+    metadata = pipe.unet.peft_config["default"].to_dict()
+    state_dict = get_peft_model_state_dict(pipe.unet)
+    # gaussian init leaves lora_B at zero, which would make the update trivially zero
+    state_dict = {
+        key: _random_like(value, generator) if "lora_B" in key else value for key, value in state_dict.items()
+    }
+    pipe.unet.unload_lora()
+    type(pipe).save_lora_weights(folder, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata)
+    pipe.load_lora_weights(folder)
+
+
+def attach_for_inference(pipe, adapter: Adapter, min_rank: int, folder: Path) -> None:
+    generator = torch.Generator().manual_seed(SEED)
+    if adapter.kind == "tlora":
+        load_trained_tlora(pipe, adapter, min_rank, folder, generator)
+    elif adapter.kind == "lora":
+        load_trained_lora(pipe, adapter.rank, folder, generator)
+
+
+def attach_for_training(unet, adapter: Adapter, min_rank: int) -> None:
+    """Fresh trainable adapter weights, as a training script creates them."""
+    if adapter.kind == "tlora":
+        tl.inject_tlora(unet, tlora_config(adapter, min_rank), generator=torch.Generator().manual_seed(SEED))
+    elif adapter.kind == "lora":
+        unet.add_adapter(lora_config(adapter.rank))
+
+
+def conditioning(config, batch: int, resolution: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random prompt embeddings of the UNet's widths (what the two text encoders would give) and SD-XL's
+    size/crop ids, for a batch of `batch` samples."""
+    generator = torch.Generator().manual_seed(SEED)
+    pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    embeds = {
+        "prompt_embeds": torch.randn(batch, PROMPT_TOKENS, config.cross_attention_dim, generator=generator),
+        "pooled_prompt_embeds": torch.randn(batch, pooled_width, generator=generator),
+        "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]]).repeat(batch, 1),
+    }
+    return {key: value.to(device=device, dtype=dtype) for key, value in embeds.items()}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_times(runners: dict[str, Callable[[], None]], repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each runner: one untimed warm-up call each, then `repeats` rounds that call every
+    runner once, starting one further along each round so no runner always follows the same one."""
+    for run in runners.values():
+        run()
+    names = list(runners)
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            runners[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(adapters: list[Adapter], times: dict[str, list[float]], per_call: int, baseline: str) -> list[dict]:
+    """One row per adapter: median seconds per step and its ratio to `baseline`."""
+    medians = {name: statistics.median(samples) / per_call for name, samples in times.items()}
+    return [
+        {
+            "name": adapter.name,
+            "label": adapter.label,
+            "median_s": medians[adapter.name],
+            "ratio": medians[adapter.name] / medians[baseline],
+            "samples_s": [sample / per_call for sample in times[adapter.name]],
+        }
+        for adapter in adapters
+    ]
+
+
+def ratio_target(rows: list[dict], text: str, numerator: str, denominator: str, limit: float) -> dict:
+    """`numerator / denominator` of the median times against `limit`. The noise is the median absolute
+    deviation of the per-round ratios (both configurations of one round ran back to back)."""
+    by_name = {row["name"]: row for row in rows}
+    top, bottom = by_name[numerator], by_name[denominator]
+    ratio = top["median_s"] / bottom["median_s"]
+    per_round = [a / b for a, b in zip(top["samples_s"], bottom["samples_s"])]
+    center = statistics.median(per_round)
+    noise = statistics.median(abs(r - center) for r in per_round)
+    return {
+        "target": text,
+        "measure": f"{top['label']} / {bottom['label']}",
+        "value": ratio,
+        "limit": limit,
+        "noise": noise,
+        "passed": ratio <= limit + noise,
+        "within_noise_only": limit < ratio <= limit + noise,
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [list(row) + [""] * (len(headers) - len(row)) for row in rows]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = [headers, ["-" * width for width in widths], *rows]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def format_target(target: dict) -> str:
+    status = "PASS" if target["passed"] else "FAIL"
+    if target.get("within_noise_only"):
+        status = "PASS (within noise)"
+    if "noise" in target:
+        detail = (
+            f"{target['measure']} = {target['value']:.3f} (limit {target['limit']:.2f}, "
+            f"round-to-round spread ±{target['noise']:.3f})"
+        )
+    else:
+        detail = f"{target['measure']} = {target['value']:.2f} (limit {target['limit']:.2f})"
+    return f"{status}  {target['target']}: {detail}"
+
+
+def write_json(path: Path, result: dict) -> None:
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(result, indent=2) + "\n"))
+
+
+def settings(args) -> dict:
+    return {key: value for key, value in vars(args).items() if key not in ("func", "json")}
+
+
+def environment(device: str) -> dict:
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def report(result: dict, table: str, args) -> dict:
+    print(table)
+    print()
+    for target in result["targets"]:
+        print(format_target(target))
+    if args.json is not None:
+        write_json(Path(args.json), result)
+        print(f"\nwrote {args.json}")
+    return result
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def owner_module(projection_path: str) -> str:
+    """`...attn1.to_out.0` -> `...attn1`."""
+    target = next(t for t in TARGET_MODULES if projection_path.endswith("." + t))
+    return projection_path[: -len(target) - 1]
+
+
+def meta_unet(size: str):
+    """The frozen UNet of `size` on the meta device: shapes only, no memory, no compute."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**unet_config(size)).requires_grad_(False)
+
+
+def step_flops(unet, resolution: int, train: bool) -> int:
+    """FLOPs (matmuls, convolutions, attention) of one UNet step, counted on the meta device: a guided
+    inference step (batch 2, timestep 500 given as a host scalar, as a CPU pipeline passes it) or a training
+    forward and backward (batch 1, a per-sample timestep vector)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = 1 if train else 2
+    embeds = conditioning(unet.config, batch, resolution, "meta", torch.float32)
+    sample = torch.empty(batch, unet.config.in_channels, resolution // 8, resolution // 8, device="meta")
+    timesteps = torch.full((batch,), 500, device="meta") if train else torch.tensor(500)
+    added = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": embeds["time_ids"]}
+    with torch.set_grad_enabled(train), FlopCounterMode(display=False) as counter:
+        output = unet(sample, timesteps, encoder_hidden_states=embeds["prompt_embeds"], added_cond_kwargs=added)
+        if train:
+            output.sample.sum().backward()
+    return counter.get_total_flops()
+
+
+def dry_run(args, adapters: list[Adapter], baseline: str) -> dict:
+    """Parameters and FLOPs per step of each configuration, from the UNet on the meta device."""
+    base = meta_unet(args.size)
+    projections = tl.injection.find_target_projections(base, TARGET_MODULES)
+    base_size = sum(t.numel() for t in (*base.parameters(), *base.buffers()))
+    rows = []
+    for adapter in adapters:
+        unet = copy.deepcopy(base)
+        with torch.device("meta"):
+            if adapter.kind == "tlora":
+                tl.inject_tlora(unet, tlora_config(adapter, args.min_rank), initialize=False)
+            elif adapter.kind == "lora":
+                unet.add_adapter(lora_config(adapter.rank))
+        size = sum(t.numel() for t in (*unet.parameters(), *unet.buffers()))
+        flops = step_flops(unet, args.resolution, train=args.command == "train")
+        rows.append(
+            {"name": adapter.name, "label": adapter.label, "adapter_parameters": size - base_size, "flops": flops}
+        )
+    baseline_flops = next(row["flops"] for row in rows if row["name"] == baseline)
+    for row in rows:
+        row["ratio"] = row["flops"] / baseline_flops
+
+    unet_parameters = sum(p.numel() for p in base.parameters())
+    attention_modules = len({owner_module(path) for path in projections})
+    result = {
+        "benchmark": args.command,
+        "dry_run": True,
+        "settings": settings(args),
+        "unet_parameters": unet_parameters,
+        "attention_modules": attention_modules,
+        "adapted_projections": len(projections),
+        "results": rows,
+        "targets": [],
+    }
+    step = "training step (batch 1)" if args.command == "train" else "guided denoising step (batch 2)"
+    header = (
+        f"{args.size} UNet: {unet_parameters:,} parameters, {attention_modules} attention modules, "
+        f"{len(projections)} adapted projections; FLOPs of one {step} at {args.resolution} px\n"
+    )
+    table = format_table(
+        ["config", "adapter parameters (+ frozen copies)", "GFLOP/step", f"ratio to {baseline}"],
+        [[r["label"], f"{r['adapter_parameters']:,}", f"{r['flops'] / 1e9:.2f}", f"{r['ratio']:.3f}"] for r in rows],
+    )
+    return report(result, header + table, args)
+
+
+# --------------------------------------------------------------------------- infer
+
+
+def inference_pipeline(unet, scheduler):
+    """A stock SD-XL pipeline around `unet`; no text encoders or VAE, since embeddings come precomputed and the
+    output stays latent."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        scheduler=type(scheduler).from_config(scheduler.config),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_infer(args) -> dict:
+    adapters = infer_adapters(args.rank)
+    if args.dry_run:
+        return dry_run(args, adapters, baseline="none")
+    dtype = DTYPES[args.dtype]
+    base, scheduler = build_base_unet(args.size, args.device, dtype)
+    embeds = conditioning(base.config, 1, args.resolution, args.device, dtype)
+    call = dict(
+        prompt_embeds=embeds["prompt_embeds"],
+        pooled_prompt_embeds=embeds["pooled_prompt_embeds"],
+        num_inference_steps=args.steps,
+        guidance_scale=GUIDANCE_SCALE,
+        height=args.resolution,
+        width=args.resolution,
+        output_type="latent",
+    )
+
+    runners = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for adapter in adapters:
+            pipe = inference_pipeline(copy.deepcopy(base), scheduler)
+            attach_for_inference(pipe, adapter, args.min_rank, Path(tmp) / adapter.name)
+
+            def run(pipe=pipe):
+                pipe(**call, generator=torch.Generator(args.device).manual_seed(SEED))
+
+            runners[adapter.name] = run
+    del base
+    times = interleaved_times(runners, args.repeats, args.device)
+
+    rows = summarize(adapters, times, args.steps, baseline="none")
+    rank, double = args.rank, 2 * args.rank
+    targets = [
+        ratio_target(rows, "Vanilla T-LoRA no slower than LoRA of the same rank", "vanilla", f"lora{rank}", 1.0),
+        ratio_target(rows, "T-LoRA (ortho) no slower than LoRA of twice the rank", "ortho", f"lora{double}", 1.0),
+    ]
+    if args.size == "full":
+        targets.append(ratio_target(rows, "T-LoRA (ortho) costs at most 1.10x no adapter", "ortho", "none", 1.10))
+    result = {
+        "benchmark": "infer",
+        "settings": settings(args),
+        "environment": environment(args.device),
+        "unit": "seconds per denoising step (UNet batch 2: classifier-free guidance)",
+        "results": rows,
+        "targets": targets,
+    }
+    table = format_table(
+        ["config", "median ms/step", "ratio to no adapter", "repeats"],
+        [[r["label"], f"{1000 * r['median_s']:.1f}", f"{r['ratio']:.3f}", len(r["samples_s"])] for r in rows],
+    )
+    header = (
+        f"infer: {args.size} UNet, {args.resolution} px, {args.steps} Euler steps, {args.dtype} on "
+        f"{args.device}, min rank {args.min_rank}\n"
+    )
+    return report(result, header + table, args)
+
+
+# --------------------------------------------------------------------------- train
+
+
+class TrainStep:
+    """One configuration's training state; calling it does one optimizer step, like the training script."""
+
+    def __init__(self, unet, scheduler, adapter: Adapter, args):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import cast_training_params
+
+        dtype = DTYPES[args.dtype]
+        attach_for_training(unet, adapter, args.min_rank)
+        if dtype != torch.float32:
+            cast_training_params(unet, dtype=torch.float32)
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.unet = unet.train()
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+        self.optimizer = make_optimizer([p for p in unet.parameters() if p.requires_grad], args.use_8bit_adam)
+        # half precision as accelerate's mixed precision runs it: frozen weights in half, fp32 adapter weights,
+        # autocast around the forward (no loss scaling: it changes no amount of work worth timing)
+        self.autocast = torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype != torch.float32)
+        latent_size = args.resolution // 8
+        self.latents = torch.randn(1, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(SEED))
+        self.latents = self.latents.to(args.device, dtype)
+        embeds = conditioning(unet.config, 1, args.resolution, args.device, dtype)
+        self.prompt_embeds = embeds["prompt_embeds"]
+        self.added_cond_kwargs = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": embeds["time_ids"]}
+        # every configuration draws the same noise and timesteps
+        self.generator = torch.Generator(args.device).manual_seed(SEED)
+
+    def __call__(self) -> None:
+        latents = self.latents
+        noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=self.generator,
+            device=latents.device,
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        with self.autocast:
+            prediction = self.unet(
+                noisy, timesteps, encoder_hidden_states=self.prompt_embeds, added_cond_kwargs=self.added_cond_kwargs
+            ).sample
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def make_optimizer(parameters, use_8bit_adam: bool) -> torch.optim.Optimizer:
+    """AdamW with the paper's settings (lr 1e-4, weight decay 1e-4)."""
+    optimizer_class = torch.optim.AdamW
+    if use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    return optimizer_class(parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+
+
+def current_rss() -> int:
+    """Resident memory of this process now, in bytes (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def restart_peak_rss() -> None:
+    """Hand freed heap memory back to the system and restart the peak RSS count from the current RSS, so the
+    peak that follows belongs to training rather than to building the model (Linux; elsewhere a no-op)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def measure_memory(args) -> dict:
+    """Peak memory of training one configuration, in this (fresh) process.
+
+    On CUDA, `max_memory_allocated`. On the CPU, the peak resident set size: torch's CPU allocations are
+    invisible to tracemalloc. `above_model_mb` is the peak minus what the frozen UNet alone occupied, i.e.
+    adapter weights, optimizer state, gradients and activations.
+    """
+    adapters = {adapter.name: adapter for adapter in train_adapters(args.rank)}
+    if args.adapter not in adapters:
+        raise SystemExit(f"error: unknown --adapter {args.adapter!r}; expected one of {', '.join(adapters)}")
+    adapter = adapters[args.adapter]
+    unet, scheduler = build_base_unet(args.size, args.device, DTYPES[args.dtype])
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        model_bytes = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        restart_peak_rss()
+        model_bytes = current_rss()
+    step = TrainStep(unet, scheduler, adapter, args)
+    for _ in range(1 + args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"peak_mb": peak / MEGABYTE, "above_model_mb": (peak - model_bytes) / MEGABYTE}
+
+
+def memory_in_child(args, adapter: Adapter) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "train-memory", "--adapter", adapter.name]
+    command += [
+        f"--size={args.size}",
+        f"--resolution={args.resolution}",
+        f"--rank={args.rank}",
+        f"--min-rank={args.min_rank}",
+        f"--steps={args.steps}",
+        f"--device={args.device}",
+        f"--dtype={args.dtype}",
+    ]
+    command += [f"--threads={args.threads}"] * (args.threads is not None)
+    command += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--use_8bit_adam"] * args.use_8bit_adam
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"Memory measurement of {adapter.label} failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def train_cli_command(model: Path, images: Path, output: Path, args, steps: int) -> list[str]:
+    return [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        f"--pretrained_model_name_or_path={model}",
+        f"--instance_data_dir={images}",
+        "--instance_prompt=a photo of sks toy",
+        f"--output_dir={output}",
+        f"--resolution={args.resolution}",
+        "--train_batch_size=1",
+        f"--max_train_steps={steps}",
+        f"--rank={args.rank}",
+        f"--min_rank={args.min_rank}",
+        "--tlora_variant=ortho",
+        f"--seed={SEED}",
+        "--report_to=none",
+        "--cache_latents",
+        "--mixed_precision=no",
+        f"--checkpointing_steps={10 * steps}",
+    ]
+
+
+def measure_cli(args, bare_step_s: float) -> dict:
+    """Steady-state seconds per step of the training script from runs of N and 2N steps: (t_2N - t_N) / N
+    cancels loading, latent caching and saving. With several pairs of runs, the median. Compared with the
+    bare T-LoRA (ortho) step."""
+    if not TRAIN_SCRIPT.is_file():
+        return {"error": f"{TRAIN_SCRIPT.name} not found at the repository root"}
+    # the script's torch must use as many threads as the bare steps it is compared with
+    env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads is not None else {})
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_tiny_sdxl(Path(tmp) / "model", size=args.size, seed=SEED)
+        images = Path(tmp) / "images"
+        images.mkdir()
+        shutil.copy(EXAMPLE_IMAGE, images)
+        for pair in range(args.cli_repeats):
+            durations = []
+            for steps in (args.cli_steps, 2 * args.cli_steps):
+                command = train_cli_command(model, images, Path(tmp) / f"out-{pair}-{steps}", args, steps)
+                start = time.perf_counter()
+                child = subprocess.run(command, capture_output=True, text=True, env=env)
+                durations.append(time.perf_counter() - start)
+                if child.returncode != 0:
+                    return {"error": f"{TRAIN_SCRIPT.name} exited with {child.returncode}:\n{child.stderr[-3000:]}"}
+            pairs.append(durations)
+    step_s = statistics.median((long - short) / args.cli_steps for short, long in pairs)
+    return {"median_s": step_s, "ratio": step_s / bare_step_s, "runs_s": pairs}
+
+
+def limit_target(text: str, measure: str, value: float, limit: float) -> dict:
+    """A target measured once, without rounds to estimate noise from."""
+    return {"target": text, "measure": measure, "value": value, "limit": limit, "passed": value <= limit}
+
+
+def train_targets(rows: list[dict], args) -> list[dict]:
+    lora = f"lora{args.rank}"
+    targets = [
+        ratio_target(rows, "Vanilla T-LoRA step at most 1.05x LoRA", "vanilla", lora, 1.05),
+        ratio_target(rows, "T-LoRA (ortho) step at most 1.15x LoRA", "ortho", lora, 1.15),
+    ]
+    if args.size == "full" and args.device.startswith("cuda"):
+        peak_gb = max(row["peak_mb"] for row in rows) / 1024
+        text = f"peak memory at most {MEMORY_TARGET_GB:.0f} GB"
+        targets.append(limit_target(text, "largest peak allocation (GB)", peak_gb, MEMORY_TARGET_GB))
+    return targets
+
+
+def train_table(rows: list[dict], cli: dict | None, args) -> str:
+    memory = "peak alloc MB" if args.device.startswith("cuda") else "peak RSS MB"
+    headers = ["config", "median s/step", "it/s", f"ratio to LoRA r={args.rank}", memory, "above model MB"]
+    lines = [
+        [
+            r["label"],
+            f"{r['median_s']:.3f}",
+            f"{1 / r['median_s']:.2f}",
+            f"{r['ratio']:.3f}",
+            f"{r['peak_mb']:.0f}",
+            f"{r['above_model_mb']:.0f}",
+        ]
+        for r in rows
+    ]
+    if cli is not None and "error" not in cli:
+        lines.append([f"{TRAIN_SCRIPT.name} (ortho)", f"{cli['median_s']:.3f}", f"{1 / cli['median_s']:.2f}"])
+    options = ", gradient checkpointing" * args.gradient_checkpointing + ", 8-bit AdamW" * args.use_8bit_adam
+    header = (
+        f"train: {args.size} UNet, {args.resolution} px, batch 1, {args.dtype}{options} on {args.device}, "
+        f"min rank {args.min_rank}\n"
+    )
+    return header + format_table(headers, lines)
+
+
+def run_train(args) -> dict:
+    adapters = train_adapters(args.rank)
+    if args.dry_run:
+        return dry_run(args, adapters, baseline=f"lora{args.rank}")
+    # before this process allocates anything, so that on a GPU the children have it to themselves
+    memory = {adapter.name: memory_in_child(args, adapter) for adapter in adapters}
+    base, scheduler = build_base_unet(args.size, args.device, DTYPES[args.dtype])
+    steps = {adapter.name: TrainStep(copy.deepcopy(base), scheduler, adapter, args) for adapter in adapters}
+    del base
+
+    def several(step):
+        def run():
+            for _ in range(args.steps):
+                step()
+
+        return run
+
+    times = interleaved_times({name: several(step) for name, step in steps.items()}, args.repeats, args.device)
+    del steps
+    rows = summarize(adapters, times, args.steps, baseline=f"lora{args.rank}")
+    for row in rows:
+        row.update(memory[row["name"]])
+    targets = train_targets(rows, args)
+    result = {
+        "benchmark": "train",
+        "settings": settings(args),
+        "environment": environment(args.device),
+        "unit": "seconds per optimizer step (batch 1)",
+        "memory": "peak CUDA allocation" if args.device.startswith("cuda") else "peak resident set size",
+        "results": rows,
+        "targets": targets,
+    }
+    cli = None
+    if args.cli:
+        cli = result["cli"] = measure_cli(args, next(r["median_s"] for r in rows if r["name"] == "ortho"))
+        if "error" in cli:
+            print(f"{TRAIN_SCRIPT.name} could not be measured: {cli['error']}", file=sys.stderr)
+        else:
+            text = "training script steady state at most 1.10x the bare T-LoRA step"
+            targets.append(limit_target(text, f"{TRAIN_SCRIPT.name} / bare T-LoRA (ortho) step", cli["ratio"], 1.10))
+    return report(result, train_table(rows, cli, args), args)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--size", choices=SIZES, default="small", help="tiny, small or full (default small)")
+    common.add_argument("--resolution", type=positive_int, help="px (default: the size's own: 64, 256 or 1024)")
+    common.add_argument("--rank", type=positive_int, default=64, help="T-LoRA max rank R and LoRA rank (default 64)")
+    common.add_argument("--min-rank", type=positive_int, help="T-LoRA minimum rank (default R/2)")
+    common.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (default 5)")
+    common.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    common.add_argument("--dtype", choices=DTYPES, default="fp32", help="UNet weights (default fp32)")
+    common.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
+    common.add_argument("--dry-run", action="store_true", help="count parameters and FLOPs on the meta device")
+
+    commands = parser.add_subparsers(dest="command", required=True)
+    infer = commands.add_parser("infer", parents=[common], help="seconds per denoising step")
+    infer.add_argument("--steps", type=positive_int, default=10, help="denoising steps per timed call (default 10)")
+    infer.set_defaults(func=run_infer)
+
+    train = commands.add_parser("train", parents=[common], help="seconds and peak memory per optimizer step")
+    train.add_argument("--steps", type=positive_int, default=2, help="optimizer steps per timed call (default 2)")
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
+    train.add_argument("--cli", action="store_true", help=f"also time {TRAIN_SCRIPT.name}'s steady state")
+    train.add_argument("--cli-steps", type=positive_int, default=20, help="N: runs of N and 2N steps (default 20)")
+    train.add_argument("--cli-repeats", type=positive_int, default=1, help="pairs of such runs (default 1)")
+    train.set_defaults(func=run_train)
+
+    # one configuration's peak memory, run by `train` in a fresh process
+    memory = commands.add_parser("train-memory", parents=[common], help="(run by train) one configuration's memory")
+    memory.add_argument("--adapter", required=True)
+    memory.add_argument("--steps", type=positive_int, default=2)
+    memory.add_argument("--gradient_checkpointing", action="store_true")
+    memory.add_argument("--use_8bit_adam", action="store_true")
+    memory.set_defaults(func=lambda args: print(json.dumps(measure_memory(args))))
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Turn settings that cannot run into clear errors before anything is built."""
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device.startswith("cuda") and not args.dry_run and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch build sees no CUDA device")
+    if args.min_rank is None:
+        args.min_rank = max(1, args.rank // 2)
+    if args.min_rank > args.rank:
+        parser.error(f"--min-rank ({args.min_rank}) must not exceed --rank ({args.rank})")
+    if args.resolution is None:
+        args.resolution = unet_config(args.size)["sample_size"] * 8
+    if args.resolution % 8:
+        parser.error(f"--resolution must be a multiple of 8 (the VAE's downsampling), got {args.resolution}")
+    if getattr(args, "use_8bit_adam", False) and not args.dry_run and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if getattr(args, "cli", False):
+        if args.size == "full":
+            parser.error("--cli trains on a saved fixture; use --size tiny or small")
+        if args.dtype != "fp32":
+            parser.error("--cli compares with the training script's fp32 steps; use --dtype fp32")
+    if args.size == "full" and args.device == "cpu" and not args.dry_run:
+        print("note: the full-size UNet on a CPU takes minutes per step", file=sys.stderr)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # loading a UNet-only LoRA into a pipeline without text encoders logs one warning per absent encoder
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

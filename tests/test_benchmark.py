@@ -1,0 +1,182 @@
+"""Smoke tests of scripts/benchmark.py on the tiny fixture with one repeat.
+
+They check what the benchmark prints and writes and that it measures what it says (adapters really loaded
+and non-zero, training steps really training the adapter); they never judge the timings themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+import pipelines.tlora as tl
+from scripts import benchmark
+
+RANK = 8
+
+
+def unet_inputs(unet, timestep=500):
+    config = unet.config
+    embeds = benchmark.conditioning(config, 2, 64, "cpu", torch.float32)
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    added = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": embeds["time_ids"]}
+    return (sample, timestep), {"encoder_hidden_states": embeds["prompt_embeds"], "added_cond_kwargs": added}
+
+
+def assert_rows(result: dict, names: list[str], baseline: str) -> None:
+    rows = {row["name"]: row for row in result["results"]}
+    assert list(rows) == names
+    for row in rows.values():
+        assert row["median_s"] > 0
+        assert len(row["samples_s"]) == 1
+        assert row["ratio"] == pytest.approx(row["median_s"] / rows[baseline]["median_s"])
+    assert rows[baseline]["ratio"] == 1.0
+
+
+def assert_targets_printed(result: dict, printed: str, measures: list[str]) -> None:
+    assert [target["measure"] for target in result["targets"]] == measures
+    for target in result["targets"]:
+        assert math.isfinite(target["value"])
+        status = "PASS" if target["passed"] else "FAIL"
+        assert any(line.startswith(status) and target["measure"] in line for line in printed.splitlines())
+
+
+@pytest.mark.parametrize("adapter", benchmark.infer_adapters(RANK)[1:], ids=lambda adapter: adapter.name)
+def test_loaded_adapters_change_the_unet_output(tiny_pipe, tmp_path, adapter):
+    unet = tiny_pipe.unet
+    args, kwargs = unet_inputs(unet)
+    with torch.no_grad():
+        before = unet(*args, **kwargs).sample
+        pipe = benchmark.inference_pipeline(unet, tiny_pipe.scheduler)
+        benchmark.attach_for_inference(pipe, adapter, RANK // 2, tmp_path)
+        after = unet(*args, **kwargs).sample
+
+    assert torch.isfinite(after).all()
+    assert (after - before).abs().max() > 1e-4
+    if adapter.kind == "tlora":
+        assert tl.get_tlora_config(unet).variant == adapter.variant
+        assert (tmp_path / tl.WEIGHT_NAME).is_file()
+    else:
+        assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+        to_q = unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        (lora_a,) = to_q.lora_A.values()
+        assert lora_a.out_features == adapter.rank
+
+
+@pytest.mark.parametrize("adapter", benchmark.train_adapters(RANK), ids=lambda adapter: adapter.name)
+def test_train_step_trains_only_the_adapter(tiny_pipe, adapter):
+    args = benchmark.parse_args(["train", "--size", "tiny", "--rank", str(RANK)])
+    unet = tiny_pipe.unet.requires_grad_(False)
+    frozen = unet.conv_in.weight.clone()
+    step = benchmark.TrainStep(unet, tiny_pipe.scheduler, adapter, args)
+    trainable = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
+    step()
+
+    marker = ".tlora." if adapter.kind == "tlora" else ".lora_"
+    assert trainable and all(marker in name for name in trainable)
+    current = dict(unet.named_parameters())
+    assert any(not torch.equal(current[name], value) for name, value in trainable.items())
+    assert torch.equal(unet.conv_in.weight, frozen)
+
+
+def test_infer_prints_the_table_and_targets_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "results" / "infer.json"
+    argv = ["infer", "--size", "tiny", "--repeats", "1", "--steps", "2", "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    assert result["benchmark"] == "infer"
+    expected = {"size": "tiny", "resolution": 64, "rank": 64, "min_rank": 32, "steps": 2, "repeats": 1}
+    assert expected.items() <= result["settings"].items()
+    assert_rows(result, ["none", "vanilla", "ortho", "lora64", "lora128"], baseline="none")
+    for label in ("no adapter", "Vanilla T-LoRA R=64", "T-LoRA (ortho) R=64", "LoRA r=64", "LoRA r=128"):
+        assert label in printed
+    assert_targets_printed(result, printed, ["Vanilla T-LoRA R=64 / LoRA r=64", "T-LoRA (ortho) R=64 / LoRA r=128"])
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_train_prints_speed_and_memory(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    argv = ["train", "--size", "tiny", "--rank", str(RANK), "--repeats", "1", "--steps", "1", "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    assert result["benchmark"] == "train"
+    assert_rows(result, [f"lora{RANK}", "vanilla", "ortho"], baseline=f"lora{RANK}")
+    for row in result["results"]:
+        # each configuration's peak comes from a child process of its own, above the frozen model
+        assert row["peak_mb"] > row["above_model_mb"] > 0
+        assert row["label"] in printed
+    assert_targets_printed(
+        result, printed, [f"Vanilla T-LoRA R={RANK} / LoRA r={RANK}", f"T-LoRA (ortho) R={RANK} / LoRA r={RANK}"]
+    )
+
+
+def test_full_size_is_the_sdxl_base_unet():
+    unet = benchmark.meta_unet("full")
+    projections = tl.injection.find_target_projections(unet, benchmark.TARGET_MODULES)
+
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert len(projections) == 560
+    assert len({benchmark.owner_module(path) for path in projections}) == 140
+
+
+def dry_run(tmp_path, command: str) -> tuple[int, dict]:
+    out = tmp_path / f"{command}.json"
+    benchmark.main([command, "--size", "tiny", "--rank", str(RANK), "--dry-run", "--json", str(out)])
+    result = json.loads(out.read_text())
+    return result["adapted_projections"], {row["name"]: row for row in result["results"]}
+
+
+def test_dry_run_counts_inference_parameters_and_flops(tmp_path):
+    projections, rows = dry_run(tmp_path, "infer")
+    size = {name: row["adapter_parameters"] for name, row in rows.items()}
+    flops = {name: row["flops"] for name, row in rows.items()}
+
+    assert size["none"] == 0
+    assert size["vanilla"] == size[f"lora{RANK}"]
+    assert size[f"lora{2 * RANK}"] == 2 * size[f"lora{RANK}"]
+    # trained and frozen copies of both factors, plus a trained and a frozen lambda per projection
+    assert size["ortho"] == 2 * size["vanilla"] + 2 * RANK * projections
+    # at timestep 500 only 3/4 of the components are active, and T-LoRA skips the others
+    assert flops["none"] < flops["vanilla"] < flops[f"lora{RANK}"]
+    assert flops["vanilla"] < flops["ortho"] < flops[f"lora{2 * RANK}"]
+
+
+def test_dry_run_counts_training_flops(tmp_path):
+    _, rows = dry_run(tmp_path, "train")
+
+    assert rows["vanilla"]["flops"] == rows[f"lora{RANK}"]["flops"]
+    assert rows["ortho"]["ratio"] > 1  # the frozen branch still runs forward and backward
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--size", "tiny", "--rank", "8", "--min-rank", "9"], "--min-rank (9) must not exceed --rank (8)"),
+        (["infer", "--size", "tiny", "--resolution", "60"], "--resolution must be a multiple of 8"),
+        (["train", "--size", "full", "--cli"], "--cli trains on a saved fixture"),
+        (["infer", "--device", "tpu"], "--device must be cpu or cuda"),
+        pytest.param(
+            ["infer", "--device", "cuda"],
+            "this torch build sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
+        pytest.param(
+            ["train", "--size", "tiny", "--use_8bit_adam"],
+            "--use_8bit_adam needs bitsandbytes",
+            marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="installed"),
+        ),
+    ],
+)
+def test_settings_that_cannot_run_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
