@@ -36,7 +36,7 @@ RESOLUTION = {"tiny": 64, "small": 256}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(RESOLUTION), default="tiny", help="model size (default tiny: fastest)")
-    parser.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     return parser.parse_args(argv)
 
 
@@ -69,7 +69,7 @@ def train(model: Path, output_dir: Path, size: str, steps: int) -> None:
         "--instance_prompt", INSTANCE_PROMPT,
         "--resolution", str(RESOLUTION[size]),
         "--rank", "8",
-        "--learning_rate", "1e-3",
+        "--learning_rate", "1e-2",
         "--max_train_steps", str(steps),
         "--checkpointing_steps", str(max(1, steps // 2)),
         "--validation_prompt", *PROMPTS,
