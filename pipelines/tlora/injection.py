@@ -141,8 +141,7 @@ class TimestepRouter:
         return self.configs[adapter_name].scale * self.scales[adapter_name]
 
     def __call__(self, unet, args, kwargs):
-        fused = next((a for a in self.attention_modules if _uses_fused_projections(a)), None)
-        if fused is not None:
+        if any(_uses_fused_projections(attention) for attention in self.attention_modules):
             raise TLoraInjectionError(
                 "The UNet's attention projections are fused (fuse_qkv_projections), so the T-LoRA adapters on "
                 "to_q/to_k/to_v would be skipped. Call `unfuse_qkv_projections()` first."

@@ -164,12 +164,13 @@ class OrthoTLoraAdapter(TLoraAdapter):
         k = self.rank if state.active_rank is None else min(state.active_rank, self.rank)
         # training may keep the parameters in fp32 while `.to()` left the frozen buffers in the UNet's dtype
         down_base, up_base, lam_base = (t.to(x.dtype) for t in (self.down_base, self.up_base, self.lam_base))
-        lam, lam_base = self.lam[:k], lam_base[:k]
+        hidden, hidden_base = F.linear(x, self.down[:k]), F.linear(x, down_base[:k])
         if state.active_rank is None:
-            mask = _broadcast_mask(state.mask, x, self.rank)
-            lam, lam_base = lam * mask, lam_base * mask
-        trained = F.linear(F.linear(x, self.down[:k]) * lam, self.up[:, :k])
-        frozen = F.linear(F.linear(x, down_base[:k]) * lam_base, up_base[:, :k])
+            mask = _broadcast_mask(state.mask, hidden, self.rank)
+            hidden, hidden_base = hidden * mask, hidden_base * mask
+        # lam scales the (small) up factor rather than the activations
+        trained = F.linear(hidden, self.up[:, :k] * self.lam[:k])
+        frozen = F.linear(hidden_base, up_base[:, :k] * lam_base[:k])
         return trained - frozen
 
     def forward(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
