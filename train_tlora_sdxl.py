@@ -58,13 +58,12 @@ from diffusers.training_utils import compute_snr
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import ModelCard, ModelCardData, create_repo, get_token, upload_folder
 from PIL import Image, ImageOps
-from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 import pipelines.tlora as tl
 from scripts.arguments import non_negative_int, positive_int
-from pipelines.tlora.file_format import METADATA_KEY
+from pipelines.tlora.file_format import METADATA_KEY, read_safetensors
 
 logger = get_logger(__name__)
 
@@ -761,9 +760,8 @@ def check_checkpoint_config(checkpoint: Path, config: tl.TLoraConfig) -> None:
     path = checkpoint / WEIGHT_NAME
     try:
         # The header only: the tensors of a full-size adapter are large.
-        with safe_open(str(path), framework="pt") as handle:
-            saved = tl.TLoraConfig.from_json((handle.metadata() or {})[METADATA_KEY]).to_dict()
-    except Exception as error:  # safetensors has its own error types for damaged files
+        saved = tl.TLoraConfig.from_json(read_safetensors(path, with_tensors=False)[1][METADATA_KEY]).to_dict()
+    except (OSError, ValueError, KeyError) as error:
         raise InputError(f"{path} is not a readable T-LoRA checkpoint: {error!r}") from None
     current = config.to_dict()
     ignored = ("base_model", "num_train_timesteps")

@@ -46,12 +46,11 @@ if str(REPO_ROOT) not in sys.path:  # run as `python scripts/evaluate.py`
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
-from safetensors import SafetensorError, safe_open  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import pipelines.tlora as tl  # noqa: E402  (also gives the SD-XL pipelines load_tlora_weights)
 from scripts.arguments import positive_int  # noqa: E402
-from pipelines.tlora.file_format import METADATA_KEY, refuse_pickle, write_atomically  # noqa: E402
+from pipelines.tlora.file_format import METADATA_KEY, read_safetensors, write_atomically  # noqa: E402
 from scripts.eval_metrics import (  # noqa: E402
     MASK_FILL,
     ClipEmbedder,
@@ -284,13 +283,11 @@ def find_weight_file(path: Path) -> Path:
 def read_adapter_kind(path: Path) -> tuple[str, dict | None]:
     """("tlora", its config) for files with `tlora_config` metadata, ("lora", None) for any other safetensors."""
     try:
-        refuse_pickle(path)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        _, metadata = read_safetensors(path, with_tensors=False)
         if METADATA_KEY not in metadata:
             return "lora", None
         return "tlora", tl.TLoraConfig.from_json(metadata[METADATA_KEY]).to_dict()
-    except (OSError, SafetensorError, ValueError) as error:
+    except (OSError, ValueError) as error:
         raise EvaluationError(f"--adapter: {path} is not a usable safetensors adapter: {error}") from None
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import TLoraConfig, TLoraConfigError
@@ -29,6 +28,7 @@ from .file_format import (
     METADATA_KEY,
     WEIGHT_NAME,
     TLoraFileError,
+    read_safetensors,
     refuse_pickle,
     split_state_dict,
     write_atomically,
@@ -113,19 +113,6 @@ def _write_folder(out_dir: Path, files: dict[str, Callable[[Path], None]], overw
 # reading
 
 
-def _read_safetensors(path: Path, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header metadata); the tensors stay unread with `with_tensors=False`."""
-    refuse_pickle(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
-            return tensors, handle.metadata() or {}
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # safetensors raises its own error types for damaged headers
-        raise TLoraFileError(f"{path} is not a readable safetensors file: {error}") from None
-
-
 def _refuse_pickle_in(folder: Path) -> None:
     """Name a pickled weights file that sits where safetensors were expected."""
     for candidate in sorted(folder.glob("*_weights.bin")):
@@ -197,7 +184,7 @@ def read_official_checkpoint(
     path: str | os.PathLike, hparams: str | os.PathLike | None = None, overrides: dict | None = None
 ) -> OfficialCheckpoint:
     weights = locate_official_weights(path)
-    tensors, metadata = _read_safetensors(weights)
+    tensors, metadata = read_safetensors(weights)
     if not tensors or not all(is_official_key(key) for key in tensors):
         raise _foreign_layout(weights, tensors, metadata)
     variant, state_dict = official_to_tlora_state_dict(tensors)
@@ -351,7 +338,7 @@ def _parameter_counts(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
 def _read_for_inspection(path: Path, hparams) -> tuple[str, dict[str, torch.Tensor], TLoraConfig | None, list[str]]:
     """(layout name, our tensors, config or None when the schedule is unknown, notes)."""
     weights = path / WEIGHT_NAME if path.is_dir() and (path / WEIGHT_NAME).is_file() else path
-    if weights.is_file() and METADATA_KEY in _read_safetensors(weights, with_tensors=False)[1]:
+    if weights.is_file() and METADATA_KEY in read_safetensors(weights, with_tensors=False)[1]:
         state_dict, config = read_adapter(weights)
         return "T-LoRA (this package)", state_dict, config, []
     official = read_official_checkpoint(path, hparams)

@@ -99,17 +99,27 @@ def _describe_foreign_keys(keys) -> str | None:
     return None
 
 
-def read_tlora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TLoraConfig]:
-    """Read a T-LoRA safetensors file: its tensors and its validated config."""
+def read_safetensors(
+    path: str | os.PathLike, with_tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file; with `with_tensors=False` only the header is read.
+
+    Pickle files are refused unread; a damaged file raises `TLoraFileError` naming it.
+    """
     refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
+            return tensors, handle.metadata() or {}
     except FileNotFoundError:
         raise
     except Exception as error:  # safetensors raises its own error types for damaged headers
         raise TLoraFileError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def read_tlora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TLoraConfig]:
+    """Read a T-LoRA safetensors file: its tensors and its validated config."""
+    state_dict, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
         hint = _describe_foreign_keys(state_dict) or "Only files written by this package can be loaded."
         raise TLoraFileError(f"{path} has no `{METADATA_KEY}` metadata, so it is not a T-LoRA adapter. {hint}")
