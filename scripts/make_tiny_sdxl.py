@@ -102,14 +102,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
             latent_channels=4,
             sample_size=64,
         ),
-        "text_encoder": dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-        ),
-        "text_encoder_2": dict(
+        # one size for both CLIP text encoders (SD-XL's are 768 and 1280 wide; here only their sum matters)
+        "text_encoders": dict(
             hidden_size=32,
             intermediate_size=37,
             num_hidden_layers=2,
@@ -142,14 +136,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
             latent_channels=4,
             sample_size=256,
         ),
-        "text_encoder": dict(
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            projection_dim=128,
-        ),
-        "text_encoder_2": dict(
+        # one size for both CLIP text encoders (SD-XL's are 768 and 1280 wide; here only their sum matters)
+        "text_encoders": dict(
             hidden_size=128,
             intermediate_size=512,
             num_hidden_layers=4,
@@ -294,7 +282,7 @@ def _text_config(size: str, which: str, tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **CONFIGS[size][which],
+        **CONFIGS[size]["text_encoders"],
     )
 
 
