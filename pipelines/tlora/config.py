@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .families import FAMILIES
+
 FORMAT_NAME = "tlora"
 FORMAT_VERSION = 1
 
@@ -34,6 +36,8 @@ class TLoraConfig:
             `"normal"` for vanilla.
         target_modules: module names (or dotted suffixes of module paths) that receive an adapter.
         base_model: name of the base model the adapter was trained on, if known.
+        model_family: the denoiser family the adapter belongs to (`"sd"`, `"sdxl"`, `"flux"`, `"sd3"`; see
+            `families.py`); None for files written before families existed (their key prefix decides).
     """
 
     rank: int = 64
@@ -45,6 +49,7 @@ class TLoraConfig:
     init: str = "random-last"
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     base_model: str | None = None
+    model_family: str | None = None
 
     def __post_init__(self):
         if self.min_rank is None:
@@ -72,6 +77,8 @@ class TLoraConfig:
             fail(f"`lora_alpha` must be a positive number or None, got {self.lora_alpha!r}.")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             fail(f"`target_modules` must be a non-empty list of module names, got {self.target_modules!r}.")
+        if self.model_family is not None and self.model_family not in FAMILIES:
+            fail(f"`model_family` must be one of {tuple(FAMILIES)} or None, got {self.model_family!r}.")
 
     @property
     def scale(self) -> float:
