@@ -1,20 +1,30 @@
-"""T-LoRA for diffusers' Stable Diffusion XL pipelines.
+"""T-LoRA for diffusers' pipelines: Stable Diffusion 1.x/2.x, SD-XL and FLUX.1.
 
-Importing this package gives the stock SD-XL pipelines `load_tlora_weights`, `unload_tlora_weights`,
-`set_tlora_scale`, `save_tlora_weights` and `tlora_state_dict`:
+Importing this package gives the stock pipelines of every supported model family `load_tlora_weights`,
+`unload_tlora_weights`, `set_tlora_scale`, `save_tlora_weights`, `tlora_state_dict` and a refusing `fuse_tlora`:
 
     import pipelines.tlora
-    pipe = StableDiffusionXLPipeline.from_pretrained(...)
+    pipe = StableDiffusionXLPipeline.from_pretrained(...)   # or FluxPipeline, StableDiffusionPipeline, ...
     pipe.load_tlora_weights("path/or/repo-id")
 
-Modules, in the order of the method: `schedule` (rank per timestep), `layers` (adapter math), `injection`
-(attaching adapters and routing timesteps), `file_format` (safetensors layout), `loader` (pipeline API),
-`config` (the settings stored with every adapter).
+Modules, in the order of the method:
+    schedule          the rank per timestep, r(t), and its mask
+    layers            the adapter math (Vanilla T-LoRA and ortho T-LoRA)
+    families          what differs between denoisers: attribute, timestep units, targets, pipelines
+    injection         attaching adapters to a denoiser and routing each call's timesteps to them
+    config            the settings stored with every adapter
+    file_format       the safetensors layout, reading and checking
+    loader            the pipeline API
+Interoperability with other tools' files:
+    official_format   the T-LoRA authors' checkpoints
+    lora_export       standard LoRA files frozen at one rank (diffusers, kohya)
+    convert           the conversion commands behind `scripts/convert_tlora.py`
 """
 
 import diffusers
 
 from .config import DEFAULT_TARGET_MODULES, FORMAT_VERSION, TLoraConfig, TLoraConfigError
+from .families import FAMILIES, ModelFamily, denoiser_of, family_of_denoiser, get_family
 from .file_format import WEIGHT_NAME, TLoraFileError, read_tlora_file, save_tlora_file
 from .injection import TLoraInjectionError, get_tlora_adapters, inject_tlora, remove_tlora
 from .layers import OrthoTLoraAdapter, RankState, VanillaTLoraAdapter
@@ -23,6 +33,7 @@ from .loader import (
     fuse_tlora,
     get_tlora_config,
     get_tlora_state_dict,
+    load_tlora_into_denoiser,
     load_tlora_into_unet,
     load_tlora_weights,
     register,
@@ -34,20 +45,14 @@ from .loader import (
 )
 from .schedule import rank_mask, rank_schedule
 
-# The SD-XL pipelines whose instances (also those made by AutoPipeline* or DiffusionPipeline) gain the API.
-SDXL_PIPELINE_NAMES = (
-    "StableDiffusionXLPipeline",
-    "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
-    "StableDiffusionXLControlNetPipeline",
-    "StableDiffusionXLControlNetImg2ImgPipeline",
-    "StableDiffusionXLControlNetInpaintPipeline",
-    "StableDiffusionXLPAGPipeline",
-    "StableDiffusionXLPAGImg2ImgPipeline",
-    "StableDiffusionXLPAGInpaintPipeline",
+# Every pipeline of every family whose instances (also those made by AutoPipeline* or DiffusionPipeline) gain the
+# API; a class missing from the installed diffusers is skipped.
+REGISTERED_PIPELINES = register(
+    getattr(diffusers, name)
+    for family in FAMILIES.values()
+    for name in family.pipeline_classes
+    if hasattr(diffusers, name)
 )
-
-REGISTERED_PIPELINES = register(getattr(diffusers, name) for name in SDXL_PIPELINE_NAMES if hasattr(diffusers, name))
 
 
 class TLoraStableDiffusionXLPipeline(TLoraLoaderMixin, diffusers.StableDiffusionXLPipeline):
@@ -56,8 +61,10 @@ class TLoraStableDiffusionXLPipeline(TLoraLoaderMixin, diffusers.StableDiffusion
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "FAMILIES",
     "FORMAT_VERSION",
     "WEIGHT_NAME",
+    "ModelFamily",
     "OrthoTLoraAdapter",
     "RankState",
     "REGISTERED_PIPELINES",
@@ -68,11 +75,15 @@ __all__ = [
     "TLoraLoaderMixin",
     "TLoraStableDiffusionXLPipeline",
     "VanillaTLoraAdapter",
+    "denoiser_of",
+    "family_of_denoiser",
     "fuse_tlora",
     "get_tlora_adapters",
+    "get_family",
     "get_tlora_config",
     "get_tlora_state_dict",
     "inject_tlora",
+    "load_tlora_into_denoiser",
     "load_tlora_into_unet",
     "load_tlora_weights",
     "rank_mask",

@@ -80,6 +80,18 @@ class TLoraConfig:
         if self.model_family is not None and self.model_family not in FAMILIES:
             fail(f"`model_family` must be one of {tuple(FAMILIES)} or None, got {self.model_family!r}.")
 
+    @classmethod
+    def for_family(cls, family: str, **settings) -> "TLoraConfig":
+        """A config with the family's defaults (variant, target projections, `model_family`) unless given."""
+        described = FAMILIES[family] if family in FAMILIES else None
+        if described is None:
+            raise TLoraConfigError(f"Unknown model family {family!r}; known: {', '.join(FAMILIES)}.")
+        settings.setdefault("variant", described.default_variant)
+        settings.setdefault("target_modules", list(described.default_target_modules))
+        if settings["variant"] == "vanilla":
+            settings.setdefault("init", "normal")
+        return cls(model_family=family, **settings)
+
     @property
     def scale(self) -> float:
         """The adapter's own output scale, before the user's scale."""
@@ -90,7 +102,11 @@ class TLoraConfig:
         return self.min_rank < self.rank
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(self)}
+        data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(self)}
+        if data["model_family"] is None:
+            # a config that does not know its family is stored exactly as before families existed
+            del data["model_family"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

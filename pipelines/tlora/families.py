@@ -60,6 +60,11 @@ class ModelFamily:
     def key_prefix(self) -> str:
         return self.denoiser_attribute + "."
 
+    @property
+    def denoiser_label(self) -> str:
+        """"UNet" or "transformer", for messages."""
+        return "UNet" if self.denoiser_attribute == "unet" else self.denoiser_attribute
+
     def call_timesteps(self, args: tuple, kwargs: dict):
         """The schedule's timesteps and the batch's latents from one denoiser call's arguments."""
         timesteps = kwargs.get("timestep")
@@ -181,3 +186,19 @@ def denoiser_of(pipeline) -> tuple[nn.Module, ModelFamily]:
         if isinstance(denoiser, nn.Module):
             return denoiser, family_of_denoiser(denoiser)
     raise ValueError(f"{type(pipeline).__name__} has neither a `unet` nor a `transformer` for T-LoRA to adapt.")
+
+
+def family_mismatch(adapter_family: str | None, family: ModelFamily) -> str | None:
+    """Why an adapter made for `adapter_family` cannot go into a denoiser of `family`, or None when it can.
+
+    Files without `model_family` (written before families existed) are checked by their keys and shapes instead.
+    """
+    if adapter_family is None or adapter_family == family.name:
+        return None
+    made_for = get_family(adapter_family)
+    return (
+        f"This T-LoRA adapter is for {made_for.display_name} (a `{made_for.denoiser_attribute}`, "
+        f"{made_for.denoiser_class}); this model is {family.display_name} (a `{family.denoiser_attribute}`, "
+        f"{family.denoiser_class}). Load it into a {made_for.display_name} pipeline such as "
+        f"{made_for.pipeline_classes[0]}."
+    )

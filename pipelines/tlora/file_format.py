@@ -1,6 +1,8 @@
 """The `pytorch_tlora_weights.safetensors` file format: tensor keys, metadata, reading and checking.
 
-Keys are `unet.<module path>.tlora.<param>`; the header metadata `tlora_config` holds the JSON config.
+Keys are `<denoiser>.<module path>.tlora.<param>`, where `<denoiser>` is the pipeline attribute of the model
+family's denoiser (`unet` or `transformer`, see `families.py`); the header metadata `tlora_config` holds the JSON
+config.
 All functions here are pure: they read and write tensors and files, never a model.
 """
 
@@ -16,10 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import FORMAT_VERSION, TLoraConfig, TLoraConfigError
+from .families import FAMILIES, SDXL, ModelFamily, get_family
 
 WEIGHT_NAME = "pytorch_tlora_weights.safetensors"
 METADATA_KEY = "tlora_config"
 UNET_PREFIX = "unet."
+KEY_PREFIXES = tuple(sorted({family.key_prefix for family in FAMILIES.values()}))
 KEY_INFIX = ".tlora."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -50,7 +54,7 @@ def refuse_pickle(path: str | os.PathLike) -> None:
 
 
 def adapter_state_dict(adapters: dict, variant: str) -> dict[str, torch.Tensor]:
-    """`{module path: adapter layer}` -> the UNet's T-LoRA layers as tensors, keys `<path>.tlora.<param>`."""
+    """`{module path: adapter layer}` -> the denoiser's T-LoRA layers as tensors, keys `<path>.tlora.<param>`."""
     return {
         f"{path}{KEY_INFIX}{file_name}": getattr(adapter, attribute).detach()
         for path, adapter in adapters.items()
@@ -58,9 +62,26 @@ def adapter_state_dict(adapters: dict, variant: str) -> dict[str, torch.Tensor]:
     }
 
 
-def pack_unet_layers(unet_tlora_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Prefix the UNet's layers with `unet.` as stored in a file (like diffusers' `pack_weights`)."""
-    return {k if k.startswith(UNET_PREFIX) else UNET_PREFIX + k: v for k, v in unet_tlora_layers.items()}
+def key_prefix(config: TLoraConfig) -> str:
+    """The key prefix of the adapter's denoiser; `unet.` for files from before model families."""
+    return UNET_PREFIX if config.model_family is None else get_family(config.model_family).key_prefix
+
+
+def _other_prefix(key: str, prefix: str) -> str | None:
+    return next((other for other in KEY_PREFIXES if other != prefix and key.startswith(other)), None)
+
+
+def pack_layers(tlora_layers: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Prefix the denoiser's layers with `unet.` or `transformer.` as stored in a file (like diffusers'
+    `pack_weights`)."""
+    packed = {}
+    for key, value in tlora_layers.items():
+        other = _other_prefix(key, prefix)
+        if other is not None:
+            raise TLoraFileError(f"Key {key!r} belongs to a `{other[:-1]}`, but the adapter's config is for a "
+                                 f"`{prefix[:-1]}` (see `model_family`).")
+        packed[key if key.startswith(prefix) else prefix + key] = value
+    return packed
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -81,7 +102,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
 
 def save_tlora_file(state_dict: dict[str, torch.Tensor], config: TLoraConfig, path: str | os.PathLike) -> Path:
     """Write the adapter file (atomically)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in pack_unet_layers(state_dict).items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in pack_layers(state_dict, key_prefix(config)).items()}
     metadata = {"format": "pt", METADATA_KEY: config.to_json()}
     return write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
@@ -139,33 +160,44 @@ def _expected_shapes(variant: str, rank: int, in_features: int, out_features: in
 
 
 def split_state_dict(
-    state_dict: dict[str, torch.Tensor], config: TLoraConfig, projection_shapes: dict[str, tuple[int, int]]
+    state_dict: dict[str, torch.Tensor],
+    config: TLoraConfig,
+    projection_shapes: dict[str, tuple[int, int]],
+    family: ModelFamily = SDXL,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Check a state dict against the config and the model, and group it by module path.
 
     Args:
-        state_dict: keys `unet.<path>.tlora.<param>` (the `unet.` prefix is optional).
+        state_dict: keys `<prefix><path>.tlora.<param>` (the prefix is optional).
         projection_shapes: `{module path: (in_features, out_features)}` of the model's linear layers.
+        family: the model's family, whose denoiser attribute is the key prefix (`unet.` or `transformer.`).
 
     Returns:
         `{module path: {adapter attribute: tensor}}`.
     """
     if not state_dict:
         raise TLoraFileError("The T-LoRA state dict is empty.")
+    prefix, label = family.key_prefix, family.denoiser_label
     names = PARAMETER_NAMES[config.variant]
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        body = key[len(UNET_PREFIX) :] if key.startswith(UNET_PREFIX) else key
+        other = _other_prefix(key, prefix)
+        if other is not None:
+            raise TLoraFileError(
+                f"This adapter is for a `{other[:-1]}` (key {key!r}), but the model has a `{prefix[:-1]}`: it was "
+                "made for another model family."
+            )
+        body = key[len(prefix) :] if key.startswith(prefix) else key
         path, infix, name = body.rpartition(KEY_INFIX)
         if not infix or name not in names:
             hint = _describe_foreign_keys(state_dict) or ""
             raise TLoraFileError(
                 f"Unexpected key {key!r} for a {config.variant!r} T-LoRA adapter (expected "
-                f"'unet.<module path>.tlora.<{'|'.join(names)}>'). {hint}".rstrip()
+                f"'{prefix}<module path>.tlora.<{'|'.join(names)}>'). {hint}".rstrip()
             )
         if path not in projection_shapes:
             raise TLoraFileError(
-                f"Key {key!r} names module {path!r}, which is not a linear projection of this UNet; the adapter "
+                f"Key {key!r} names module {path!r}, which is not a linear projection of this {label}; the adapter "
                 "was made for a different base model."
             )
         grouped.setdefault(path, {})[names[name]] = tensor
@@ -179,13 +211,14 @@ def split_state_dict(
             tensor = tensors[names[name]]
             if tuple(tensor.shape) != shape:
                 raise TLoraFileError(
-                    f"Shape mismatch for 'unet.{path}.tlora.{name}': the file has {tuple(tensor.shape)}, this UNet "
-                    f"with rank {config.rank} needs {shape}. The adapter was made for a different base model or rank."
+                    f"Shape mismatch for '{prefix}{path}.tlora.{name}': the file has {tuple(tensor.shape)}, this "
+                    f"{label} with rank {config.rank} needs {shape}. The adapter was made for a different base model "
+                    "or rank."
                 )
             if not tensor.is_floating_point():
-                raise TLoraFileError(f"'unet.{path}.tlora.{name}' has dtype {tensor.dtype}; expected a float tensor.")
+                raise TLoraFileError(f"'{prefix}{path}.tlora.{name}' has dtype {tensor.dtype}; expected a float tensor.")
             if not torch.isfinite(tensor).all():
-                raise TLoraFileError(f"'unet.{path}.tlora.{name}' contains NaN or Inf values.")
+                raise TLoraFileError(f"'{prefix}{path}.tlora.{name}' contains NaN or Inf values.")
     return grouped
 
 

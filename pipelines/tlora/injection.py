@@ -1,24 +1,28 @@
-"""Attaching T-LoRA adapters to a UNet and routing each call's timesteps to them.
+"""Attaching T-LoRA adapters to a denoiser (a UNet or a transformer) and routing each call's timesteps to them.
 
 Why forward hooks on the projections rather than an attention processor: the attention processor is the
-part of a diffusers UNet that everything else replaces (SDPA vs xformers, IP-Adapter, PAG, custom
+part of a diffusers denoiser that everything else replaces (SDPA vs xformers, IP-Adapter, PAG, custom
 processors), so an adapter living there is lost whenever one of those is switched on. The projection
-modules (`to_q`, `to_k`, `to_v`, `to_out.0`) are called by every processor. Each adapted projection keeps
+modules (`to_q`, `to_k`, `to_v`, `to_out.0`, and FLUX's `add_*_proj`) are called by every processor. Each adapted projection keeps
 its own class; its adapters sit in a `tlora` child `ModuleDict` and a forward hook adds their update to the
 projection's output. PEFT (`pipe.load_lora_weights`) wraps a projection by moving it to `base_layer`,
-which keeps the hook, so both kinds of adapters add up.
+which keeps the hook, so both kinds of adapters add up. A quantised projection (bitsandbytes `Linear4bit`,
+`Linear8bitLt`) is still an `nn.Linear` and is adapted the same way; its adapters take the compute dtype.
 
-The timesteps come from the UNet's own forward arguments: a forward pre-hook on the UNet turns them into
-one `RankState` per adapter before any projection runs. Any caller of the UNet, a pipeline or a training
-loop with a `(B,)` vector of timesteps, therefore gets per-sample masks.
+The timesteps come from the denoiser's own forward arguments: a forward pre-hook on the denoiser reads them as
+its model family says (`families.py`: position, keyword, units) and turns them into one `RankState` per adapter
+before any projection runs. Any caller of the denoiser, a pipeline or a training loop with a `(B,)` vector of
+timesteps, therefore gets per-sample masks.
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 
 from .config import TLoraConfig
+from .families import ModelFamily, family_mismatch, family_of_denoiser
 from .layers import ADAPTER_CLASSES, RankState, TLoraAdapter
 from .schedule import rank_mask, rank_schedule
 
@@ -37,18 +41,22 @@ def _innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-def _parent_attention(unet: nn.Module, path: str) -> nn.Module | None:
+def _parent_attention(denoiser: nn.Module, path: str) -> nn.Module | None:
     parts = path.split(".")
     for cut in range(len(parts) - 1, 0, -1):
-        parent = unet.get_submodule(".".join(parts[:cut]))
+        parent = denoiser.get_submodule(".".join(parts[:cut]))
         if hasattr(parent, "fused_projections"):
             return parent
     return None
 
 
 def _uses_fused_projections(attention: nn.Module) -> bool:
-    # `unfuse_qkv_projections()` restores the original processors but leaves `fused_projections` set, so the
-    # processor in use is what tells whether `to_q`/`to_k`/`to_v` are still called.
+    # Two generations of diffusers attention modules. The UNet's `Attention` switches to a `Fused*` processor,
+    # and `unfuse_qkv_projections()` restores the processors but leaves `fused_projections` set, so there the
+    # processor in use tells. `AttentionModuleMixin` modules (FLUX) keep their processor class, which reads the
+    # flag itself, and unfusing clears it.
+    if isinstance(attention, AttentionModuleMixin):
+        return bool(attention.fused_projections)
     return "Fused" in type(getattr(attention, "processor", None)).__name__
 
 
@@ -56,9 +64,9 @@ def _matches(path: str, targets) -> bool:
     return any(path == target or path.endswith("." + target) for target in targets)
 
 
-def _projections(unet: nn.Module):
-    """(path, innermost linear) for every linear layer of the UNet, skipping adapter internals."""
-    for path, module in unet.named_modules():
+def _projections(denoiser: nn.Module):
+    """(path, innermost linear) for every linear layer of the denoiser, skipping adapter internals."""
+    for path, module in denoiser.named_modules():
         if ".base_layer" in path or ".tlora." in path or ".lora_" in path:
             continue
         inner = _innermost(module)
@@ -66,15 +74,15 @@ def _projections(unet: nn.Module):
             yield path, inner
 
 
-def projection_shapes(unet: nn.Module) -> dict[str, tuple[int, int]]:
-    """`{module path: (in_features, out_features)}` of the UNet's linear layers."""
-    return {path: (linear.in_features, linear.out_features) for path, linear in _projections(unet)}
+def projection_shapes(denoiser: nn.Module) -> dict[str, tuple[int, int]]:
+    """`{module path: (in_features, out_features)}` of the denoiser's linear layers."""
+    return {path: (linear.in_features, linear.out_features) for path, linear in _projections(denoiser)}
 
 
-def find_target_projections(unet: nn.Module, target_modules) -> list[str]:
-    """Module paths of the UNet's linear projections named by `target_modules` (PEFT's suffix rule)."""
+def find_target_projections(denoiser: nn.Module, target_modules) -> list[str]:
+    """Module paths of the denoiser's linear projections named by `target_modules` (PEFT's suffix rule)."""
     paths = []
-    for path, module in unet.named_modules():
+    for path, module in denoiser.named_modules():
         if ".base_layer" in path or ".tlora." in path or ".lora_" in path or not _matches(path, target_modules):
             continue
         if not isinstance(_innermost(module), nn.Linear):
@@ -83,7 +91,12 @@ def find_target_projections(unet: nn.Module, target_modules) -> list[str]:
             )
         paths.append(path)
     if not paths:
-        raise TLoraInjectionError(f"No module of the UNet matches target_modules={list(target_modules)}.")
+        family = family_of_denoiser(denoiser)
+        raise TLoraInjectionError(
+            f"No module of the {family.denoiser_label} matches target_modules={list(target_modules)} "
+            f"({family.display_name}, {family.denoiser_class}; its default targets are "
+            f"{list(family.default_target_modules)})."
+        )
     return paths
 
 
@@ -97,7 +110,8 @@ def _add_tlora_update(projection: nn.Linear, args, output):
         state = router.states.get(adapter.adapter_name)
         if state is None:
             raise TLoraInjectionError(
-                "A T-LoRA projection ran outside a UNet call, so no timestep is known; call the UNet itself."
+                "A T-LoRA projection ran outside a call of its denoiser (UNet or transformer), so no timestep is "
+                "known; call the denoiser itself."
             )
         output = output + (scale * adapter(x, state)).to(output.dtype)
     return output
@@ -105,7 +119,7 @@ def _add_tlora_update(projection: nn.Linear, args, output):
 
 class _CheckpointWithRankState:
     """Wraps a block's gradient-checkpointing function so that the recomputation in the backward pass uses
-    the masks of the forward pass it recomputes, even if the UNet ran again with other timesteps between."""
+    the masks of the forward pass it recomputes, even if the denoiser ran again with other timesteps between."""
 
     def __init__(self, checkpoint_function, router: "TimestepRouter"):
         self.checkpoint_function = checkpoint_function
@@ -126,30 +140,33 @@ class _CheckpointWithRankState:
 
 
 class TimestepRouter:
-    """Per-UNet state shared by its adapters: configs, user scales and the current call's rank states."""
+    """Per-denoiser state shared by its adapters: configs, user scales and the current call's rank states."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, denoiser: nn.Module, family: ModelFamily):
+        self.family = family
         self.configs: dict[str, TLoraConfig] = {}
         self.scales: dict[str, float] = {}
         self.states: dict[str, RankState] = {}
         self.paths: dict[str, list[str]] = {}
         self.attention_modules: list[nn.Module] = []
-        self.checkpointing_modules = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
-        unet.register_forward_pre_hook(self, with_kwargs=True)
+        self.checkpointing_modules = [m for m in denoiser.modules() if hasattr(m, "gradient_checkpointing")]
+        denoiser.register_forward_pre_hook(self, with_kwargs=True)
 
     def scale_of(self, adapter_name: str) -> float:
         return self.configs[adapter_name].scale * self.scales[adapter_name]
 
-    def __call__(self, unet, args, kwargs):
+    def __call__(self, denoiser, args, kwargs):
         if any(_uses_fused_projections(attention) for attention in self.attention_modules):
             raise TLoraInjectionError(
-                "The UNet's attention projections are fused (fuse_qkv_projections), so the T-LoRA adapters on "
-                "to_q/to_k/to_v would be skipped. Call `unfuse_qkv_projections()` first."
+                f"The {self.family.denoiser_attribute}'s attention projections are fused (fuse_qkv_projections), "
+                "so the T-LoRA adapters on the separate projections would be skipped. Call "
+                "`unfuse_qkv_projections()` first."
             )
-        timesteps = args[1] if len(args) > 1 else kwargs.get("timestep")
+        timesteps, sample = self.family.call_timesteps(args, kwargs)
         if timesteps is None:
-            raise TLoraInjectionError("T-LoRA needs the UNet's `timestep` argument to pick the active rank.")
-        sample = args[0] if args else kwargs.get("sample")
+            raise TLoraInjectionError(
+                f"T-LoRA needs the {self.family.denoiser_attribute}'s `timestep` argument to pick the active rank."
+            )
         self.states = {name: self._rank_state(config, timesteps, sample) for name, config in self.configs.items()}
         if torch.is_grad_enabled():
             self._wrap_checkpoint_functions()
@@ -164,11 +181,13 @@ class TimestepRouter:
                 "one for all."
             )
         on_host = not torch.is_tensor(timesteps) or timesteps.device.type == "cpu"
-        if count == 1 and on_host:
-            # One timestep for the batch: a Python rank lets the layers skip the inactive components (with
-            # exactly the gradients of the masked form). Only for timesteps already on the host, so this never
-            # waits for an accelerator.
-            return RankState(active_rank=int(rank_schedule(timesteps, *schedule)))
+        if on_host:
+            # One rank for the whole batch (one timestep, or FLUX's per-sample copies of it): a Python rank lets
+            # the layers skip the inactive components, with exactly the gradients of the masked form. Only for
+            # timesteps already on the host, so this never waits for an accelerator.
+            ranks = rank_schedule(timesteps, *schedule).reshape(-1)
+            if bool((ranks == ranks[0]).all()):
+                return RankState(active_rank=int(ranks[0]))
         return RankState(mask=rank_mask(timesteps, *schedule, dtype=sample.dtype, device=sample.device))
 
     def _wrap_checkpoint_functions(self) -> None:
@@ -195,49 +214,69 @@ def _remove_hooks(module: nn.Module, hook) -> None:
             module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
-def get_router(unet: nn.Module) -> TimestepRouter | None:
-    return getattr(unet, ROUTER_ATTRIBUTE, None)
+def get_router(denoiser: nn.Module) -> TimestepRouter | None:
+    return getattr(denoiser, ROUTER_ATTRIBUTE, None)
+
+
+def adapter_dtype(projection: nn.Linear, denoiser_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter on `projection` computes in: the weight's, or for a quantised projection (whose
+    weight is packed integers) its compute dtype, else the dtype of the denoiser's other parameters."""
+    if projection.weight.is_floating_point():
+        return projection.weight.dtype
+    return getattr(projection, "compute_dtype", None) or denoiser_dtype
 
 
 def inject_tlora(
-    unet: nn.Module,
+    denoiser: nn.Module,
     config: TLoraConfig,
     adapter_name: str = "default",
     paths: list[str] | None = None,
     initialize: bool = True,
     generator: torch.Generator | None = None,
 ) -> dict[str, TLoraAdapter]:
-    """Attach a T-LoRA adapter named `adapter_name` to the UNet's target projections.
+    """Attach a T-LoRA adapter named `adapter_name` to the target projections of a denoiser (UNet or transformer).
 
     An existing adapter of the same name is replaced. `paths` (module paths) overrides `config.target_modules`,
     as when loading a file. With `initialize=False` the factors are left for the caller to fill
-    (as `load_tlora_into_unet` does). Returns the new adapters by module path.
+    (as `load_tlora_into_denoiser` does). Returns the new adapters by module path.
     """
+    family = family_of_denoiser(denoiser)
+    mismatch = family_mismatch(config.model_family, family)
+    if mismatch:
+        raise TLoraInjectionError(mismatch)
     if paths is None:
-        paths = find_target_projections(unet, config.target_modules)
-    attention_of = {path: _parent_attention(unet, path) for path in paths}
+        paths = find_target_projections(denoiser, config.target_modules)
+    attention_of = {path: _parent_attention(denoiser, path) for path in paths}
     for path, attention in attention_of.items():
         if attention is not None and _uses_fused_projections(attention):
             raise TLoraInjectionError(
                 f"{path!r} belongs to fused QKV projections; T-LoRA masks each projection separately. Call "
                 "`unfuse_qkv_projections()` before loading."
             )
+    projections = {path: _innermost(denoiser.get_submodule(path)) for path in paths}
+    if initialize and config.init.startswith("weight"):
+        quantised = next((path for path, p in projections.items() if not p.weight.is_floating_point()), None)
+        if quantised is not None:
+            raise TLoraInjectionError(
+                f"Ortho init from the layer's weight needs a float weight, but {quantised!r} is quantised "
+                f"({type(projections[quantised]).__name__}); use init='random-last'."
+            )
 
-    remove_tlora(unet, adapter_name)
-    router = get_router(unet)
+    remove_tlora(denoiser, adapter_name)
+    router = get_router(denoiser)
     if router is None:
-        router = TimestepRouter(unet)
-        setattr(unet, ROUTER_ATTRIBUTE, router)
+        router = TimestepRouter(denoiser, family)
+        setattr(denoiser, ROUTER_ATTRIBUTE, router)
 
+    denoiser_dtype = next((p.dtype for p in denoiser.parameters() if p.is_floating_point()), torch.float32)
     adapters = {}
     adapter_class = ADAPTER_CLASSES[config.variant]
-    for path in paths:
-        projection = _innermost(unet.get_submodule(path))
+    for path, projection in projections.items():
         adapter = adapter_class(projection.in_features, projection.out_features, config.rank)
         adapter.to(device=projection.weight.device)
         if initialize:
             adapter.initialize(config, weight=projection.weight, generator=generator)
-        adapter.to(dtype=projection.weight.dtype)
+        adapter.to(dtype=adapter_dtype(projection, denoiser_dtype))
         adapter.router = router
         adapter.adapter_name = adapter_name
         if not hasattr(projection, "tlora"):
@@ -255,23 +294,23 @@ def inject_tlora(
     return adapters
 
 
-def get_tlora_adapters(unet: nn.Module, adapter_name: str = "default") -> dict[str, TLoraAdapter]:
+def get_tlora_adapters(denoiser: nn.Module, adapter_name: str = "default") -> dict[str, TLoraAdapter]:
     """The adapters named `adapter_name`, by module path."""
-    router = get_router(unet)
+    router = get_router(denoiser)
     if router is None or adapter_name not in router.configs:
         raise KeyError(f"No T-LoRA adapter named {adapter_name!r} is loaded.")
-    return {path: _innermost(unet.get_submodule(path)).tlora[adapter_name] for path in router.paths[adapter_name]}
+    return {path: _innermost(denoiser.get_submodule(path)).tlora[adapter_name] for path in router.paths[adapter_name]}
 
 
-def remove_tlora(unet: nn.Module, adapter_name: str | None = None) -> None:
-    """Detach one adapter (or all with `adapter_name=None`); with none left, the UNet is exactly as before."""
-    router = get_router(unet)
+def remove_tlora(denoiser: nn.Module, adapter_name: str | None = None) -> None:
+    """Detach one adapter (or all with `adapter_name=None`); with none left, the denoiser is exactly as before."""
+    router = get_router(denoiser)
     if router is None:
         return
     names = list(router.configs) if adapter_name is None else [adapter_name]
     for name in names:
         for path in router.paths.pop(name, []):
-            projection = _innermost(unet.get_submodule(path))
+            projection = _innermost(denoiser.get_submodule(path))
             del projection.tlora[name]
             if not len(projection.tlora):
                 _remove_hooks(projection, _add_tlora_update)
@@ -279,6 +318,6 @@ def remove_tlora(unet: nn.Module, adapter_name: str | None = None) -> None:
         router.configs.pop(name, None)
         router.scales.pop(name, None)
     if not router.configs:
-        _remove_hooks(unet, router)
+        _remove_hooks(denoiser, router)
         router.unwrap_checkpoint_functions()
-        delattr(unet, ROUTER_ATTRIBUTE)
+        delattr(denoiser, ROUTER_ATTRIBUTE)
