@@ -49,7 +49,9 @@ def refuse_pickle(path: str | os.PathLike) -> None:
     if str(path).lower().endswith(PICKLE_SUFFIXES):
         raise TLoraFileError(
             f"{path}: pickle-based weight files are not loaded (they can run arbitrary code). T-LoRA adapters are "
-            "safetensors files; convert the file with a tool you trust first."
+            "safetensors files. For a checkpoint of the T-LoRA authors' code (FLUX: checkpoint-N/lora.pt), convert "
+            "the run with `python scripts/convert_tlora.py import-official CHECKPOINT_DIR OUT_DIR`; otherwise "
+            "convert the file with a tool you trust first."
         )
 
 
