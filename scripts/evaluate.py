@@ -51,6 +51,8 @@ from tqdm.auto import tqdm  # noqa: E402
 import pipelines.tlora as tl  # noqa: E402  (also gives the SD-XL pipelines load_tlora_weights)
 from scripts.arguments import positive_int  # noqa: E402
 from pipelines.tlora.file_format import METADATA_KEY, read_safetensors, write_atomically  # noqa: E402
+from training.errors import InputError  # noqa: E402
+from training.images import image_files, open_image  # noqa: E402
 from scripts.eval_metrics import (  # noqa: E402
     MASK_FILL,
     ClipEmbedder,
@@ -63,7 +65,6 @@ from scripts.eval_metrics import (  # noqa: E402
 PAPER_PROMPTS = Path(__file__).resolve().parent / "data" / "paper_prompts.json"
 PLACEHOLDER = "{}"
 DEFAULT_BASE_PROMPT = "a photo of {}"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default standard-LoRA file name
 BASE_MODEL = "none"  # --adapter value that evaluates the base model without an adapter
 LOADED_ADAPTER = "evaluated"  # adapter name inside the pipeline; one adapter is loaded at a time
@@ -201,18 +202,14 @@ def fill_in(template: str, phrase: str) -> str:
 # --------------------------------------------------------------------------- real images and masks
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def find_real_images(specs: list[str]) -> list[Path]:
     files: list[Path] = []
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            found = _image_files(path)
+            found = image_files(path)
             if not found:
-                raise EvaluationError(f"--real_images: no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+                raise EvaluationError(f"--real_images: no image files in {path}")
             files += found
         elif path.is_file():
             files.append(path)
@@ -222,11 +219,11 @@ def find_real_images(specs: list[str]) -> list[Path]:
 
 
 def open_rgb(path: Path, what: str) -> Image.Image:
+    """The image as the trainer sees it (EXIF orientation applied: a phone photo is not scored rotated)."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise EvaluationError(f"{what}: cannot read {path} as an image: {error}") from None
+        return open_image(path, f"{what}: {path}")
+    except InputError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def load_real_images(specs: list[str], masks: str | None) -> list[tuple[Path, Image.Image]]:
@@ -237,7 +234,7 @@ def load_real_images(specs: list[str], masks: str | None) -> list[tuple[Path, Im
     mask_dir = Path(masks)
     if not mask_dir.is_dir():
         raise EvaluationError(f"--masks: {mask_dir} is not a folder")
-    masks_by_stem = {p.stem: p for p in _image_files(mask_dir)}
+    masks_by_stem = {p.stem: p for p in image_files(mask_dir)}
     masked = []
     for path, image in images:
         if path.stem not in masks_by_stem:

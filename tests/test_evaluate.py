@@ -214,6 +214,16 @@ def test_apply_mask_greys_out_the_background():
 # --------------------------------------------------------------------------- prompts, seeds, adapters
 
 
+def test_real_images_are_scored_upright_as_the_trainer_sees_them(tmp_path):
+    """A phone photo stores its pixels sideways and says so in EXIF; the real image must be read upright."""
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.new("RGB", (40, 20), "blue").save(path, exif=exif)
+    [(found, image)] = evaluate.load_real_images([str(tmp_path)], masks=None)
+    assert found == path and image.size == (20, 40) and image.mode == "RGB"
+
+
 def test_paper_prompt_sets_split_contextual_and_complex():
     for name in ("live", "object"):
         prompts = evaluate.load_prompt_set(name, None)

@@ -5,31 +5,45 @@ Most runs call `main(parse_args([...]))` in this process; two go through `accele
 
 from __future__ import annotations
 
-import argparse
 import importlib.machinery
 import importlib.util
-import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.state import PartialState
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 import pipelines.tlora as tl
 import train_tlora_sdxl as train
+import training.arguments
+from pipelines.tlora.families import SDXL
+from training.adapter import method_name, tlora_config_from_args
+from training.checkpoints import resume_checkpoint
+from training.data import DreamBoothDataset, ImageRecord, ShuffledStreamSampler, load_instance_records, make_record
+from training.errors import INTERRUPTED_EXIT_CODE, HubError, InputError
+from training.images import image_files, open_image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.tlora_testing import (
+    EXAMPLE_IMAGE,
+    REPO_ROOT,
+    accelerate_launch,
+    fake_hub,
+    free_port,
+    generate,
+    max_difference,
+    read_adapter,
+    reset_accelerate,
+    run_main,
+    two_shapes,
+)
+
 PROMPT = "a photo of sks toy"
 VALIDATION_PROMPT = "a photo of sks toy on the beach"
 SMALL_RUN = ["--resolution", "64", "--rank", "8", "--learning_rate", "1e-2", "--seed", "0", "--report_to", "none"]
@@ -44,57 +58,18 @@ def cpu_only():
         yield
 
 
-def reset_accelerate() -> None:
-    # accelerate keeps process-wide singletons that a run in this process must not inherit from another.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True)
 def fresh_accelerate():
     yield
     reset_accelerate()
 
 
-def run_main(*argv) -> argparse.Namespace:
-    """Train in this process, as `python train_tlora_sdxl.py ARGV` would; also a failed run leaves no state."""
-    args = train.parse_args([str(a) for a in argv])
-    try:
-        train.main(args)
-    finally:
-        reset_accelerate()
-    return args
-
-
 def base_args(model_dir, output_dir, instance=None, *extra) -> list:
-    instance = instance or REPO_ROOT / "examples" / "concept.png"
+    instance = instance or EXAMPLE_IMAGE
     return [
         "--pretrained_model_name_or_path", model_dir, "--instance_data_dir", instance,
         "--instance_prompt", PROMPT, "--output_dir", output_dir, *SMALL_RUN, *extra,
     ]  # fmt: skip
-
-
-def two_shapes(folder: Path) -> Path:
-    """Two instance images of different, non-square shapes, so random crops really are random."""
-    folder.mkdir(parents=True, exist_ok=True)
-    concept = Image.open(REPO_ROOT / "examples" / "concept.png")
-    concept.resize((96, 72)).save(folder / "wide.png")
-    concept.rotate(90).resize((64, 80)).save(folder / "tall.png")
-    return folder
-
-
-def read_adapter(path: Path):
-    return tl.read_tlora_file(path / tl.WEIGHT_NAME if path.is_dir() else path)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[key] - b[key]).abs().max().item() for key in a)
-
-
-def sample(pipe) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    return pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np").images[0]
 
 
 def record_training_timesteps(monkeypatch) -> list[torch.Tensor]:
@@ -150,8 +125,8 @@ def test_defaults_follow_the_paper_and_diffusers():
     )
     assert (args.train_batch_size, args.resolution, args.max_train_steps, args.optimizer) == (1, 1024, 800, "adamw")
     assert (args.report_to, args.output_dir, args.cache_latents) == ("tensorboard", "tlora-dreambooth-model", None)
-    config = train.tlora_config_from_args(args)
-    assert (config.init, config.base_model, train.method_name(config)) == ("random-last", "m", "T-LoRA")
+    config = tlora_config_from_args(args, SDXL)
+    assert (config.init, config.base_model, method_name(config)) == ("random-last", "m", "T-LoRA")
 
 
 def test_validation_prompts_take_several_values_and_repeat():
@@ -161,8 +136,8 @@ def test_validation_prompts_take_several_values_and_repeat():
 
 def test_min_rank_equal_to_rank_trains_the_unmasked_baselines():
     args = train.parse_args([*MINIMAL, "--rank", "16", "--min_rank", "16", "--tlora_variant", "vanilla"])
-    config = train.tlora_config_from_args(args)
-    assert not config.is_masked and config.init == "normal" and train.method_name(config) == "LoRA"
+    config = tlora_config_from_args(args, SDXL)
+    assert not config.is_masked and config.init == "normal" and method_name(config) == "LoRA"
 
 
 # Command lines that must be refused, and what the message must say. {examples} is a folder of images,
@@ -226,7 +201,7 @@ def test_bad_command_lines_are_refused_naming_the_flag(case, tmp_path, capsys, m
     }
     argv, message = BAD_COMMAND_LINES[case]
     argv = [part.format(**places) for part in argv]
-    monkeypatch.setattr(train, "get_token", lambda: None)
+    monkeypatch.setattr(training.arguments, "get_token", lambda: None)
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(["--pretrained_model_name_or_path", "m", "--instance_prompt", PROMPT, *argv])
     assert exit_info.value.code == 2
@@ -262,15 +237,15 @@ def test_dataset_name_reads_images_and_captions(monkeypatch):
     PartialState()
     args = train.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "user/toys", "--caption_column",
                              "text", "--instance_prompt", PROMPT, "--resolution", "64"])  # fmt: skip
-    records = train.load_instance_records(args)
+    records = load_instance_records(args)
     assert [r.prompt for r in records] == ["a red sks toy", PROMPT]
     assert [r.image.size for r in records] == [(80, 64), (64, 64)] and records[1].image.mode == "RGB"
     args.caption_column = "caption"
-    with pytest.raises(train.InputError, match="--caption_column 'caption' is not a column"):
-        train.load_instance_records(args)
+    with pytest.raises(InputError, match="--caption_column 'caption' is not a column"):
+        load_instance_records(args)
     fake.load_dataset = lambda name, config, cache_dir: {"train": _Table({"image": []})}
-    with pytest.raises(train.InputError, match="--dataset_name user/toys has no images"):
-        train.load_instance_records(args)
+    with pytest.raises(InputError, match="--dataset_name user/toys has no images"):
+        load_instance_records(args)
 
 
 class _Table:
@@ -305,11 +280,11 @@ def test_images_of_every_kind_become_rgb(tmp_path, accelerate_logging):
     palette = tmp_path / "palette.png"
     Image.new("P", (8, 8), 0).save(palette, transparency=0)
 
-    assert np.asarray(train.open_image(gray, "gray"))[0, 0].tolist() == [100, 100, 100]
-    assert np.asarray(train.open_image(transparent, "rgba"))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(open_image(gray, "gray"))[0, 0].tolist() == [100, 100, 100]
+    assert np.asarray(open_image(transparent, "rgba"))[0, 0].tolist() == [255, 255, 255]
     assert Image.open(deep).mode.startswith("I")
-    assert np.asarray(train.open_image(deep, "deep"))[0, 0].tolist() == [200, 200, 200]
-    assert np.asarray(train.open_image(palette, "palette"))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(open_image(deep, "deep"))[0, 0].tolist() == [200, 200, 200]
+    assert np.asarray(open_image(palette, "palette"))[0, 0].tolist() == [255, 255, 255]
 
 
 def test_exif_orientation_is_applied(tmp_path, accelerate_logging):
@@ -317,26 +292,26 @@ def test_exif_orientation_is_applied(tmp_path, accelerate_logging):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.new("RGB", (40, 20), "blue").save(path, exif=exif)
-    assert train.open_image(path, "rotated").size == (20, 40)
+    assert open_image(path, "rotated").size == (20, 40)
 
 
 def test_small_images_are_upscaled_with_a_warning(tmp_path, accelerate_logging, caplog):
     path = tmp_path / "small.png"
     Image.new("RGB", (32, 48), "green").save(path)
-    record = train.make_record(path, str(path), 64, PROMPT)
+    record = make_record(path, str(path), 64, PROMPT)
     assert record.image.size == (64, 96) and record.original_size == (48, 32)
     assert "small.png is 32x48 px, smaller than --resolution 64" in caplog.text
 
 
-def _wide_record() -> train.ImageRecord:
+def _wide_record() -> ImageRecord:
     image = Image.new("RGB", (100, 64))
     image.paste((255, 0, 0), (0, 0, 10, 64))  # a red stripe along the left edge
-    return train.ImageRecord("wide", image, (320, 500), PROMPT)
+    return ImageRecord("wide", image, (320, 500), PROMPT)
 
 
 def test_center_crop_conditioning():
     args = types.SimpleNamespace(repeats=1, resolution=64, center_crop=True, random_flip=False)
-    dataset = train.DreamBoothDataset([_wide_record()], [], [PROMPT], args, seed=0)
+    dataset = DreamBoothDataset([_wide_record()], [], [PROMPT], args, seed=0)
     example = dataset.example(0, np.random.default_rng(0))
     assert example["time_ids"] == (320, 500, 0, 18, 64, 64)  # original size, crop top/left, target size
     pixels = example["pixel_values"]
@@ -347,9 +322,9 @@ def test_center_crop_conditioning():
 def test_random_crop_and_flip_match_their_conditioning():
     """The crop position in the conditioning is where the image SD-XL sees was cut, also after a flip."""
     columns = np.tile((np.arange(100, dtype=np.uint8) * 2)[None, :, None], (64, 1, 3))  # pixel value = 2 x column
-    record = train.ImageRecord("ramp", Image.fromarray(columns), (64, 100), PROMPT)
+    record = ImageRecord("ramp", Image.fromarray(columns), (64, 100), PROMPT)
     args = types.SimpleNamespace(repeats=1, resolution=64, center_crop=False, random_flip=True)
-    dataset = train.DreamBoothDataset([record], [], [PROMPT], args, seed=0)
+    dataset = DreamBoothDataset([record], [], [PROMPT], args, seed=0)
     assert dataset.random_augmentation
     flips = set()
     for seed in range(20):
@@ -364,13 +339,13 @@ def test_random_crop_and_flip_match_their_conditioning():
 
 
 def test_stream_sampler_passes_over_every_image_and_is_reproducible():
-    sampler = train.ShuffledStreamSampler(dataset_size=5, length=12, seed=3)
+    sampler = ShuffledStreamSampler(dataset_size=5, length=12, seed=3)
     items = list(sampler)
     assert [position for _, position in items] == list(range(12))
     assert sorted(index for index, _ in items[:5]) == list(range(5))
     assert sorted(index for index, _ in items[5:10]) == list(range(5))
-    assert items == list(train.ShuffledStreamSampler(5, 12, seed=3))
-    assert items != list(train.ShuffledStreamSampler(5, 12, seed=4))
+    assert items == list(ShuffledStreamSampler(5, 12, seed=3))
+    assert items != list(ShuffledStreamSampler(5, 12, seed=4))
 
 
 # --------------------------------------------------------------------------- per-sample masks
@@ -477,7 +452,7 @@ def ortho_run(tiny_sdxl_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ortho")
     with pytest.MonkeyPatch.context() as monkeypatch:
         timesteps = record_training_timesteps(monkeypatch)
-        args = run_main(*base_args(
+        args = run_main(train, *base_args(
             tiny_sdxl_dir, root / "out", two_shapes(root / "images"),
             "--max_train_steps", "4", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
             "--random_flip", "--repeats", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
@@ -533,12 +508,12 @@ def test_ortho_run_writes_a_model_card(ortho_run, tiny_sdxl_dir):
 
 
 def test_adapter_loads_into_a_fresh_stock_pipeline_and_changes_its_output(ortho_run, tiny_pipe):
-    before = sample(tiny_pipe)
+    before = generate(tiny_pipe, PROMPT, steps=2)[0]
     tiny_pipe.load_tlora_weights(str(ortho_run.output))
-    after = sample(tiny_pipe)
+    after = generate(tiny_pipe, PROMPT, steps=2)[0]
     assert np.abs(after - before).max() > 1e-4
     tiny_pipe.unload_tlora_weights()
-    np.testing.assert_array_equal(sample(tiny_pipe), before)
+    np.testing.assert_array_equal(generate(tiny_pipe, PROMPT, steps=2)[0], before)
 
 
 def test_checkpoints_rotate_and_each_holds_a_loadable_adapter(ortho_run, tiny_pipe):
@@ -570,12 +545,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_result(o
     with pytest.MonkeyPatch.context() as patch:
         stop_with_ctrl_c_at_call(patch, call=3)  # during the first batch of step 2
         with pytest.raises(SystemExit) as exit_info:
-            run_main(*argv)
-    assert exit_info.value.code == train.INTERRUPTED_EXIT_CODE
+            run_main(train, *argv)
+    assert exit_info.value.code == INTERRUPTED_EXIT_CODE
     assert [path.name for path in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (tmp_path / "out" / tl.WEIGHT_NAME).exists()
 
-    run_main(*argv, "--resume_from_checkpoint", "latest")
+    run_main(train, *argv, "--resume_from_checkpoint", "latest")
     assert max_difference(read_adapter(tmp_path / "out")[0], read_adapter(ortho_run.output)[0]) <= 1e-6
     assert max_difference(read_adapter(tmp_path / "out" / "checkpoint-2")[0], read_adapter(tmp_path / "out")[0]) > 0
 
@@ -583,26 +558,26 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_result(o
 def test_resuming_with_other_tlora_settings_is_refused(ortho_run, tiny_sdxl_dir, tmp_path):
     output = tmp_path / "out"
     shutil.copytree(ortho_run.output / "checkpoint-3", output / "checkpoint-3")
-    with pytest.raises(train.InputError, match="rank: 8 in the checkpoint, 16 now"):
-        run_main(*base_args(tiny_sdxl_dir, output, None, "--rank", "16", "--resume_from_checkpoint", "latest"))
+    with pytest.raises(InputError, match="rank: 8 in the checkpoint, 16 now"):
+        run_main(train, *base_args(tiny_sdxl_dir, output, None, "--rank", "16", "--resume_from_checkpoint", "latest"))
 
 
 def test_vanilla_run_with_gradient_checkpointing(tiny_sdxl_dir, tmp_path, tiny_pipe, caplog):
     output = tmp_path / "out"
-    run_main(*base_args(
+    run_main(train, *base_args(
         tiny_sdxl_dir, output, None, "--tlora_variant", "vanilla", "--gradient_checkpointing", "--max_train_steps", "2",
         "--resume_from_checkpoint", "latest", "--validation_prompt", PROMPT, "--num_validation_images", "1",
         "--num_inference_steps", "2",
     ))  # fmt: skip
     assert "no checkpoint in" in caplog.text and "starting a new training run" in caplog.text
     state_dict, config = read_adapter(output)
-    assert (config.variant, config.init, train.method_name(config)) == ("vanilla", "normal", "Vanilla T-LoRA")
+    assert (config.variant, config.init, method_name(config)) == ("vanilla", "normal", "Vanilla T-LoRA")
     assert {key.rsplit(".tlora.", 1)[1] for key in state_dict} == {"down", "up"}
     assert (output / "validation" / "step-2" / "prompt-0_image-0.png").is_file()
     assert "Vanilla T-LoRA" in (output / "README.md").read_text()
-    before = sample(tiny_pipe)
+    before = generate(tiny_pipe, PROMPT, steps=2)[0]
     tiny_pipe.load_tlora_weights(str(output))
-    assert np.abs(sample(tiny_pipe) - before).max() > 1e-4
+    assert np.abs(generate(tiny_pipe, PROMPT, steps=2)[0] - before).max() > 1e-4
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tiny_sdxl_dir, tmp_path, tiny_pipe):
@@ -620,60 +595,37 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tiny_sdxl_di
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tl, "save_tlora_weights", crash_on_second_save)
         with pytest.raises(OSError, match="simulated"):
-            run_main(*argv)
+            run_main(train, *argv)
     assert (output / "checkpoint-2.tmp").is_dir()
-    latest = train.resume_checkpoint(types.SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(output)))
+    latest = resume_checkpoint(types.SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(output)))
     assert latest == output / "checkpoint-1"
     tiny_pipe.load_tlora_weights(str(latest))
 
-    run_main(*argv, "--resume_from_checkpoint", "latest")
+    run_main(train, *argv, "--resume_from_checkpoint", "latest")
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
 def test_prior_preservation_generates_missing_class_images(tiny_sdxl_dir, tmp_path, monkeypatch):
     class_dir = tmp_path / "class"
     class_dir.mkdir()
-    Image.open(REPO_ROOT / "examples" / "concept.png").convert("L").resize((80, 64)).save(class_dir / "premade.png")
+    Image.open(EXAMPLE_IMAGE).convert("L").resize((80, 64)).save(class_dir / "premade.png")
     timesteps = record_training_timesteps(monkeypatch)
-    run_main(*base_args(
+    run_main(train, *base_args(
         tiny_sdxl_dir, tmp_path / "out", None, "--with_prior_preservation", "--class_data_dir", class_dir,
         "--class_prompt", "a photo of a toy", "--num_class_images", "2", "--num_inference_steps", "2",
         "--max_train_steps", "2", "--prior_loss_weight", "0.5",
     ))  # fmt: skip
-    generated = [path for path in train.image_files(class_dir) if path.name != "premade.png"]
+    generated = [path for path in image_files(class_dir) if path.name != "premade.png"]
     assert len(generated) == 1 and generated[0].suffix == ".jpg" and Image.open(generated[0]).size == (64, 64)
     # Instance and class halves of each batch have their own timesteps.
     assert len(timesteps) == 2 and all(t.shape == (2,) and t[0] != t[1] for t in timesteps)
     assert 'prior preservation | yes: "a photo of a toy", weight 0.5' in (tmp_path / "out" / "README.md").read_text()
 
 
-def _fake_hub(monkeypatch, fail_upload: bool = False) -> dict:
-    calls = {}
-
-    def create_repo(repo_id, exist_ok, token):
-        calls["create"] = {"repo_id": repo_id, "token": token}
-        return types.SimpleNamespace(repo_id=f"someone/{repo_id}")
-
-    def upload_folder(repo_id, folder_path, ignore_patterns, token, **kwargs):
-        if fail_upload:
-            raise ConnectionError("the Hub is unreachable (simulated)")
-        folder = Path(folder_path)
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        calls["upload"] = {
-            "repo_id": repo_id,
-            "token": token,
-            "files": list(filter_repo_objects(files, ignore_patterns=ignore_patterns)),
-        }
-
-    monkeypatch.setattr(train, "create_repo", create_repo)
-    monkeypatch.setattr(train, "upload_folder", upload_folder)
-    return calls
-
-
 def test_push_to_hub_uploads_the_result_without_checkpoints(tiny_sdxl_dir, tmp_path, monkeypatch):
-    calls = _fake_hub(monkeypatch)
+    calls = fake_hub(monkeypatch)
     output = tmp_path / "my-toy"
-    run_main(*base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "1", "--checkpointing_steps", "1",
+    run_main(train, *base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "1", "--checkpointing_steps", "1",
                         "--push_to_hub", "--hub_token", "hf_test", "--report_to", "tensorboard"))  # fmt: skip
     assert calls["create"] == {"repo_id": "my-toy", "token": "hf_test"}
     upload = calls["upload"]
@@ -689,10 +641,11 @@ def test_push_to_hub_uploads_the_result_without_checkpoints(tiny_sdxl_dir, tmp_p
 
 
 def test_a_failed_upload_keeps_the_local_result_and_says_why(tiny_sdxl_dir, tmp_path, monkeypatch):
-    _fake_hub(monkeypatch, fail_upload=True)
+    fake_hub(monkeypatch, fail_upload=True)
     output = tmp_path / "out"
-    with pytest.raises(train.HubError, match="simulated.*complete in") as error:
-        run_main(*base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "1", "--push_to_hub", "--hub_token", "t"))
+    with pytest.raises(HubError, match="simulated.*complete in") as error:
+        run_main(train, *base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "1", "--push_to_hub",
+                                   "--hub_token", "t"))  # fmt: skip
     assert "hf upload" in str(error.value)
     read_adapter(output)
     assert (output / "README.md").is_file()
@@ -701,33 +654,9 @@ def test_a_failed_upload_keeps_the_local_result_and_says_why(tiny_sdxl_dir, tmp_
 # --------------------------------------------------------------------------- accelerate launch
 
 
-def _launch_env(tmp_path: Path) -> dict:
-    # CPU runs, also on a GPU machine (where the two-process run otherwise fails: some library code addresses
-    # cuda:<local rank>); own HF_HOME: no accelerate config of the machine; one thread per process.
-    return dict(
-        os.environ, CUDA_VISIBLE_DEVICES="", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _launch(tmp_path: Path, launch_flags: list[str], script_flags: list, extra_env=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_tlora_sdxl.py"),
-               *map(str, script_flags)]  # fmt: skip
-    env = {**_launch_env(tmp_path), **(extra_env or {})}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 def test_accelerate_launch_single_process(tiny_sdxl_dir, tmp_path):
     output = tmp_path / "out"
-    result = _launch(tmp_path, ["--cpu", "--num_processes", "1"],
+    result = accelerate_launch("train_tlora_sdxl.py", tmp_path, ["--cpu", "--num_processes", "1"],
                      base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "2"))  # fmt: skip
     assert re.search(r"Steps: 100%.*2/2.*loss=[\d.]+, lr=1\.00e-02", result.stderr)
     assert re.search(
@@ -740,9 +669,10 @@ def test_accelerate_launch_two_processes_ddp(tiny_sdxl_dir, tmp_path):
     """Two CPU processes with DDP (gloo). accelerate's `--cpu` launcher starts a single process unless it
     uses mpirun, so the processes are started through torchrun (`--multi_gpu`) with ACCELERATE_USE_CPU."""
     output = tmp_path / "out"
-    result = _launch(
+    result = accelerate_launch(
+        "train_tlora_sdxl.py",
         tmp_path,
-        ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port())],
+        ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())],
         base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "3", "--checkpointing_steps", "2",
                   "--report_to", "tensorboard"),
         extra_env={"ACCELERATE_USE_CPU": "1"},

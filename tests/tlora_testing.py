@@ -1,10 +1,26 @@
-"""Helpers shared by the tests: non-trivial adapters and direct UNet inputs for the tiny SD-XL."""
+"""Helpers shared by the tests: non-trivial adapters and direct UNet inputs for the tiny SD-XL, and training
+runs of the `train_tlora_<family>.py` scripts (in this process or through `accelerate launch`)."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub.utils import filter_repo_objects
+from PIL import Image
 
 import pipelines.tlora as tl
+import training.hub
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_IMAGE = REPO_ROOT / "examples" / "concept.png"
 
 
 def perturb_adapters(adapters: dict, seed: int = 0, std: float = 0.05) -> None:
@@ -82,3 +98,90 @@ def generate(pipe, prompt: str = "a photo of sks dog", steps: int = 3, seed: int
         output_type="np",
         **kwargs,
     ).images
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def reset_accelerate() -> None:
+    # accelerate keeps process-wide singletons that a run in this process must not inherit from another.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_main(script, *argv) -> argparse.Namespace:
+    """Train in this process, as `python <script>.py ARGV` would; also a failed run leaves no state."""
+    args = script.parse_args([str(a) for a in argv])
+    try:
+        script.main(args)
+    finally:
+        reset_accelerate()
+    return args
+
+
+def two_shapes(folder: Path) -> Path:
+    """Two instance images of different, non-square shapes, so random crops really are random."""
+    folder.mkdir(parents=True, exist_ok=True)
+    concept = Image.open(EXAMPLE_IMAGE)
+    concept.resize((96, 72)).save(folder / "wide.png")
+    concept.rotate(90).resize((64, 80)).save(folder / "tall.png")
+    return folder
+
+
+def read_adapter(path: Path):
+    """(state dict, config) of an adapter file, or of the adapter in a folder."""
+    return tl.read_tlora_file(path / tl.WEIGHT_NAME if path.is_dir() else path)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[key] - b[key]).abs().max().item() for key in a)
+
+
+def fake_hub(monkeypatch, fail_upload: bool = False) -> dict:
+    """Replace the Hub's network calls (repository creation, upload) by recorders; returns what they saw:
+    `create` (repo_id, token) and `upload` (repo_id, token, the files the ignore patterns let through)."""
+    calls = {}
+
+    def create_repo(repo_id, exist_ok, token):
+        calls["create"] = {"repo_id": repo_id, "token": token}
+        return types.SimpleNamespace(repo_id=f"someone/{repo_id}")
+
+    def upload_folder(repo_id, folder_path, ignore_patterns, token, **kwargs):
+        if fail_upload:
+            raise ConnectionError("the Hub is unreachable (simulated)")
+        folder = Path(folder_path)
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        calls["upload"] = {
+            "repo_id": repo_id,
+            "token": token,
+            "files": list(filter_repo_objects(files, ignore_patterns=ignore_patterns)),
+        }
+
+    monkeypatch.setattr(training.hub, "create_repo", create_repo)
+    monkeypatch.setattr(training.hub, "upload_folder", upload_folder)
+    return calls
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_launch(
+    script: str, tmp_path: Path, launch_flags: list[str], script_flags: list, extra_env=None
+) -> subprocess.CompletedProcess:
+    """`accelerate launch [launch_flags] <script> [script_flags]` from the repository root; asserts exit 0.
+
+    CPU runs, also on a GPU machine (where a two-process run otherwise fails: some library code addresses
+    cuda:<local rank>); own HF_HOME: no accelerate config of the machine; one thread per process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / script),
+               *map(str, script_flags)]  # fmt: skip
+    env = dict(
+        os.environ, CUDA_VISIBLE_DEVICES="", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
+    )
+    result = subprocess.run(command, cwd=REPO_ROOT, env={**env, **(extra_env or {})}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

@@ -1,0 +1,375 @@
+"""The command line every training script shares, and the checks that run before any model is loaded.
+
+Flag names follow diffusers' DreamBooth-LoRA scripts. Each script adds its family's own flags to these groups
+and sets its family's defaults with `parser.set_defaults`, so `--help` shows the defaults in force; each check
+names the flag it refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import warnings
+from pathlib import Path
+
+from accelerate.utils import is_wandb_available
+from huggingface_hub import get_token
+
+from pipelines.tlora.families import ModelFamily
+from scripts.arguments import non_negative_int, positive_int
+
+from .checkpoints import explicit_checkpoint
+from .data import DATASETS_MISSING, instance_image_files
+from .errors import InputError
+
+
+def build_parser(description: str, family: ModelFamily) -> tuple[argparse.ArgumentParser, dict]:
+    """The shared flags, in argument groups (returned by name, for the script to add its own flags to)."""
+    parser = argparse.ArgumentParser(description=description)
+    groups = {
+        name: parser.add_argument_group(title)
+        for name, title in (
+            ("model", "model"),
+            ("data", "data"),
+            ("prior", "prior preservation"),
+            ("validation", "validation and sampling"),
+            ("tlora", "T-LoRA"),
+            ("optimization", "schedule and optimizer"),
+            ("checkpoints", "checkpoints"),
+            ("hub", "Hub and logging"),
+            ("system", "system"),
+        )
+    }
+    _add_model_arguments(groups["model"], family)
+    _add_data_arguments(groups["data"])
+    _add_prior_arguments(groups["prior"])
+    _add_validation_arguments(groups["validation"])
+    _add_tlora_arguments(groups["tlora"], family)
+    _add_optimization_arguments(groups["optimization"])
+    _add_checkpoint_arguments(groups["checkpoints"])
+    _add_hub_arguments(groups["hub"])
+    _add_system_arguments(groups["system"], family)
+    return parser, groups
+
+
+def _add_model_arguments(model, family: ModelFamily) -> None:
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help=f"{family.display_name} base model: a Hub model id (e.g. {family.base_model}) or a local "
+        "`save_pretrained` folder.",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
+    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+
+
+def _add_data_arguments(data) -> None:
+    data.add_argument(
+        "--instance_data_dir", type=str, default=None, help="A folder of concept images, or a single image file."
+    )
+    data.add_argument(
+        "--instance_prompt", type=str, required=True, help='Prompt naming the concept, e.g. "a photo of sks dog".'
+    )
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Instead of --instance_data_dir: a dataset loaded with the `datasets` library (train split).",
+    )
+    data.add_argument(
+        "--dataset_config_name", type=str, default=None, help="Config of --dataset_name, if it has several."
+    )
+    data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+    data.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="Caption column of --dataset_name; without it every image uses --instance_prompt.",
+    )
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are stored.")
+    data.add_argument(
+        "--resolution",
+        type=positive_int,
+        default=1024,
+        help="Training resolution in pixels: images are resized and cropped to a square of this size "
+        "(default: %(default)s).",
+    )
+    data.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Crop the centre of each resized image; without it the crop position is random.",
+    )
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument(
+        "--repeats", type=positive_int, default=1, help="How many times each instance image appears per pass."
+    )
+
+
+def _add_prior_arguments(prior) -> None:
+    prior.add_argument("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss.")
+    prior.add_argument(
+        "--class_data_dir",
+        type=str,
+        default=None,
+        help="Folder of class images; missing ones (up to --num_class_images) are generated with the base model.",
+    )
+    prior.add_argument(
+        "--class_prompt", type=str, default=None, help='Prompt of the class images, e.g. "a photo of a dog".'
+    )
+    prior.add_argument(
+        "--num_class_images", type=positive_int, default=100, help="Number of class images to train with."
+    )
+    prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    prior.add_argument(
+        "--sample_batch_size", type=positive_int, default=4, help="Batch size for generating class images."
+    )
+
+
+def _add_validation_arguments(validation) -> None:
+    validation.add_argument(
+        "--validation_prompt",
+        type=str,
+        nargs="+",
+        action="extend",
+        default=None,
+        help="One or more prompts to sample during training (quote each; the flag may be repeated).",
+    )
+    validation.add_argument(
+        "--num_validation_images", type=non_negative_int, default=4, help="Images per validation prompt."
+    )
+    validation.add_argument(
+        "--validation_steps", type=positive_int, default=100, help="Run validation every X steps (and at the end)."
+    )
+    validation.add_argument(
+        "--num_inference_steps",
+        type=positive_int,
+        default=25,
+        help="Denoising steps for validation and class images (default: %(default)s).",
+    )
+
+
+def _add_tlora_arguments(tlora, family: ModelFamily) -> None:
+    tlora.add_argument(
+        "--rank", type=positive_int, default=64, help="Maximum rank R, the rank at timestep 0 (default: %(default)s)."
+    )
+    tlora.add_argument(
+        "--min_rank",
+        type=positive_int,
+        default=None,
+        help="Rank at the highest noise level (default: %(default)s; None: rank // 2). Equal to --rank: unmasked "
+        "LoRA / Ortho-LoRA.",
+    )
+    tlora.add_argument("--rank_schedule_exponent", type=float, default=1.0, help="Exponent of the rank schedule.")
+    tlora.add_argument(
+        "--tlora_variant",
+        choices=["ortho", "vanilla"],
+        default=family.default_variant,
+        help="ortho: T-LoRA with orthogonal factors; vanilla: plain LoRA factors, masked (default: %(default)s).",
+    )
+    tlora.add_argument(
+        "--ortho_init",
+        choices=["last", "principal", "middle"],
+        default="last",
+        help="Which singular vectors initialise the ortho factors (ortho only).",
+    )
+    tlora.add_argument(
+        "--ortho_init_source",
+        choices=["random", "weight"],
+        default="random",
+        help="SVD of a random matrix or of the layer's own weight (ortho only).",
+    )
+    tlora.add_argument(
+        "--lora_alpha", type=float, default=None, help="Scale the update by lora_alpha / rank (default: scale 1)."
+    )
+    tlora.add_argument(
+        "--target_modules",
+        type=str,
+        nargs="+",
+        default=list(family.default_target_modules),
+        help=f"{family.denoiser_class} linear layers that get an adapter, names or dotted suffixes "
+        "(default: %(default)s).",
+    )
+
+
+def _add_optimization_arguments(optimization) -> None:
+    optimization.add_argument("--train_batch_size", type=positive_int, default=1, help="Batch size per device.")
+    optimization.add_argument(
+        "--max_train_steps", type=positive_int, default=800, help="Number of optimizer steps (default: %(default)s)."
+    )
+    optimization.add_argument(
+        "--gradient_accumulation_steps", type=positive_int, default=1, help="Batches per optimizer step."
+    )
+    optimization.add_argument(
+        "--learning_rate", type=float, default=1e-4, help="Learning rate after warmup (default: %(default)s)."
+    )
+    optimization.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule.",
+    )
+    optimization.add_argument(
+        "--lr_warmup_steps", type=non_negative_int, default=0, help="Warmup steps of the schedule."
+    )
+    optimization.add_argument(
+        "--lr_num_cycles", type=positive_int, default=1, help="Restarts of cosine_with_restarts."
+    )
+    optimization.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    optimization.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    optimization.add_argument(
+        "--optimizer",
+        type=str.lower,
+        choices=["adamw", "prodigy"],
+        default="adamw",
+        help="Optimizer (default: %(default)s).",
+    )
+    optimization.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    optimization.add_argument("--adam_beta1", type=float, default=0.9, help="Adam / Prodigy beta1.")
+    optimization.add_argument("--adam_beta2", type=float, default=0.999, help="Adam / Prodigy beta2.")
+    optimization.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam / Prodigy epsilon.")
+    optimization.add_argument("--adam_weight_decay", type=float, default=1e-04, help="Weight decay.")
+    optimization.add_argument(
+        "--prodigy_beta3",
+        type=float,
+        default=None,
+        help="Prodigy's coefficient for the step size estimate (default: the square root of beta2).",
+    )
+    optimization.add_argument(
+        "--prodigy_decouple",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prodigy: AdamW-style decoupled weight decay.",
+    )
+    optimization.add_argument(
+        "--prodigy_use_bias_correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prodigy: Adam's bias correction.",
+    )
+    optimization.add_argument(
+        "--prodigy_safeguard_warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prodigy: keep the step size estimate from growing too fast during warmup.",
+    )
+
+
+def _add_checkpoint_arguments(checkpoints) -> None:
+    checkpoints.add_argument(
+        "--checkpointing_steps",
+        type=positive_int,
+        default=500,
+        help="Save a resumable checkpoint-N folder every X steps.",
+    )
+    checkpoints.add_argument(
+        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints."
+    )
+    checkpoints.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='Resume from a checkpoint-N folder, or "latest" for the newest one in --output_dir (none: start fresh).',
+    )
+
+
+def _add_hub_arguments(hub) -> None:
+    hub.add_argument(
+        "--output_dir",
+        type=str,
+        default="tlora-dreambooth-model",
+        help="Folder for the adapter, checkpoints and logs.",
+    )
+    hub.add_argument("--logging_dir", type=str, default="logs", help="Log folder, relative to --output_dir.")
+    hub.add_argument(
+        "--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard", help="Where to log."
+    )
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the result (without checkpoints) to the Hub.")
+    hub.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository (default: the name of --output_dir)."
+    )
+    hub.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the one from `hf auth login`).")
+
+
+def _add_system_arguments(system, family: ModelFamily) -> None:
+    system.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Mixed precision (default: the accelerate config). The adapter always trains in fp32.",
+    )
+    system.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help=f"Trade compute for memory in the {family.denoiser_class}.",
+    )
+    system.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    system.add_argument("--seed", type=non_negative_int, default=None, help="Seed for a reproducible run.")
+    system.add_argument(
+        "--dataloader_num_workers", type=non_negative_int, default=0, help="Data loading subprocesses."
+    )
+    system.add_argument(
+        "--cache_latents",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Encode each image with the VAE once, not every step (default: when crop and flip are not random).",
+    )
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad combinations of the shared flags now, before any model is loaded; each message names the flag.
+    Fills in the defaults that depend on other flags (--min_rank)."""
+    fail = parser.error
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        fail("give exactly one of --instance_data_dir and --dataset_name")
+    if args.instance_data_dir is not None:
+        try:
+            instance_image_files(Path(args.instance_data_dir))
+        except InputError as error:
+            fail(str(error))
+    if args.dataset_name is not None and importlib.util.find_spec("datasets") is None:
+        fail(DATASETS_MISSING)
+    if args.resolution % 8:
+        fail(f"--resolution must be divisible by 8 (the VAE downsamples 8x), got {args.resolution}")
+    if args.min_rank is None:
+        args.min_rank = max(1, args.rank // 2)
+    if args.min_rank > args.rank:
+        fail(f"--min_rank ({args.min_rank}) must not exceed --rank ({args.rank})")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        fail(f"--output_dir {args.output_dir} is a file, not a folder")
+    if args.with_prior_preservation:
+        if args.class_prompt is None:
+            fail("--with_prior_preservation needs --class_prompt")
+        if args.class_data_dir is None:
+            fail("--with_prior_preservation needs --class_data_dir (it may be empty: class images are then generated)")
+        if Path(args.class_data_dir).exists() and not Path(args.class_data_dir).is_dir():
+            fail(f"--class_data_dir {args.class_data_dir} is a file, not a folder")
+    elif args.class_data_dir is not None or args.class_prompt is not None:
+        warnings.warn(
+            "--class_data_dir and --class_prompt are ignored without --with_prior_preservation.", stacklevel=2
+        )
+    if args.validation_prompt and args.num_validation_images == 0:
+        fail("--validation_prompt is set but --num_validation_images is 0")
+    if args.use_8bit_adam:
+        if args.optimizer != "adamw":
+            fail("--use_8bit_adam works with --optimizer adamw only")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            fail("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)")
+    if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        fail("--optimizer prodigy needs prodigyopt (pip install prodigyopt)")
+    if args.report_to == "wandb":
+        if not is_wandb_available():
+            fail("--report_to wandb needs wandb (pip install wandb)")
+        if args.hub_token is not None:
+            fail(
+                "--hub_token cannot be combined with --report_to wandb (the token would be logged); "
+                "use `hf auth login`"
+            )
+    if args.push_to_hub and not (args.hub_token or get_token()):
+        fail("--push_to_hub needs a Hub token: pass --hub_token or log in with `hf auth login`")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        try:
+            explicit_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+        except InputError as error:
+            fail(str(error))

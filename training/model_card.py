@@ -1,0 +1,119 @@
+"""The adapter's model card (`OUTPUT_DIR/README.md`): Hub metadata, how to load the adapter, the training
+settings and the validation images. What differs between model families comes in one `CardFacts`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+import pipelines.tlora as tl
+from pipelines.tlora.file_format import write_atomically
+
+from .adapter import method_name
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What a model card says about the model family."""
+
+    model_name: str  # e.g. "Stable Diffusion XL"
+    pipeline_class: str  # the stock diffusers pipeline that loads the adapter
+    license: str  # the base model's licence id on the Hub
+    tags: tuple[str, ...]
+    torch_dtype: str  # for the usage example, e.g. "torch.float16"
+    sampling: str  # keyword arguments of the usage example's pipeline call
+    license_note: str = ""  # a paragraph on the licence, where its terms matter to users
+
+
+def _is_hub_id(name: str) -> bool:
+    return not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def write_model_card(
+    args,
+    config: tl.TLoraConfig,
+    facts: CardFacts,
+    validation_paths: list[list[Path]],
+    repo_id: str | None,
+    steps: int,
+    extra_settings: dict[str, str] | None = None,
+) -> Path:
+    output_dir = Path(args.output_dir)
+    base = args.pretrained_model_name_or_path
+    method = method_name(config)
+    images = [
+        (prompt, path)
+        for prompt, paths in zip(args.validation_prompt or [], validation_paths, strict=True)
+        for path in paths
+    ]
+    widget = [{"text": prompt, "output": {"url": path.relative_to(output_dir).as_posix()}} for prompt, path in images]
+    # The Hub rejects a `base_model` that is not a Hub id, so a local base model is named in the text only.
+    card_data = ModelCardData(
+        license=facts.license,
+        base_model=base if _is_hub_id(base) else None,
+        tags=list(facts.tags),
+        instance_prompt=args.instance_prompt,
+        widget=widget or None,
+    )
+    adapter_location = repo_id or str(output_dir.resolve())
+    batch = f"{args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation"
+    prior = f'yes: "{args.class_prompt}", weight {args.prior_loss_weight}' if args.with_prior_preservation else "no"
+    settings = {
+        "method": f"{method} (variant `{config.variant}`)",
+        "rank / min rank": f"{config.rank} / {config.min_rank}",
+        "rank schedule exponent": config.schedule_exponent,
+        "initialisation": config.init,
+        "lora_alpha": config.lora_alpha if config.lora_alpha is not None else "none (scale 1)",
+        "target modules": ", ".join(config.target_modules),
+        "steps": steps,
+        "optimizer, learning rate": f"{args.optimizer}, {args.learning_rate} ({args.lr_scheduler})",
+        "batch size": batch,
+        "resolution": args.resolution,
+        "prior preservation": prior,
+        **(extra_settings or {}),
+        "seed": args.seed,
+    }
+    table = "\n".join(f"| {name} | {value} |" for name, value in settings.items())
+    gallery = "\n".join(f"![{prompt}]({path.relative_to(output_dir).as_posix()})" for prompt, path in images)
+    body = f"""
+# {method} adapter for {facts.model_name}: `{args.instance_prompt}`
+
+A {method} adapter for `{base}`, trained on one concept with DreamBooth-style fine-tuning.
+T-LoRA ([Soboleva et al., 2025](https://arxiv.org/abs/2507.05964)) trains fewer rank components at high
+diffusion timesteps, where fine-tuning on a single image overfits most.
+
+## Trigger prompt
+
+Use `{args.instance_prompt}` in your prompt.
+
+## Usage
+
+The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA: load it with the `pipelines.tlora`
+package of the project that trained it, which adds `load_tlora_weights` to diffusers' {facts.model_name} pipelines.
+
+```python
+import torch
+from diffusers import {facts.pipeline_class}
+
+import pipelines.tlora  # adds load_tlora_weights to the {facts.model_name} pipelines
+
+pipe = {facts.pipeline_class}.from_pretrained({base!r}, torch_dtype={facts.torch_dtype}).to("cuda")
+pipe.load_tlora_weights({adapter_location!r})
+image = pipe({args.instance_prompt!r}, {facts.sampling}).images[0]
+```
+{facts.license_note}
+## Training settings
+
+| setting | value |
+|---|---|
+{table}
+
+## Validation images
+
+{gallery or "No validation prompt was given."}
+"""
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+    return write_atomically(output_dir / "README.md", lambda temporary: card.save(temporary))

@@ -1,0 +1,128 @@
+"""The frame of a training run around the loop a script writes out: the accelerator and logging, one seed for
+all processes, every user input checked before any model loads, resuming, and the closing upload and summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+
+import pipelines.tlora as tl
+
+from .checkpoints import check_checkpoint_config, checkpoint_step, remove_partial_checkpoints, resume_checkpoint
+from .data import ImageRecord, load_class_records, load_instance_records
+from .hub import create_hub_repo, push_to_hub
+
+logger = get_logger(__name__)
+
+
+def make_accelerator(args) -> Accelerator:
+    """The accelerator, logging set up for it, and the torch settings the flags ask for."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
+    for library in (transformers, diffusers):
+        library.utils.logging.set_verbosity(verbosity)
+        library.utils.logging.disable_progress_bar()
+    logger.info(accelerator.state, main_process_only=False)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype of the frozen models: the mixed-precision one (the adapter trains in fp32 regardless)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def shared_seed(seed: int | None, accelerator: Accelerator) -> int:
+    """--seed, or one drawn at random and shared by all processes (they must agree on the data order)."""
+    if seed is not None:
+        return seed
+    drawn = [random.SystemRandom().randrange(2**32)]
+    broadcast_object_list(drawn)
+    logger.info(f"No --seed given: using {drawn[0]} (pass --seed {drawn[0]} to repeat this run).")
+    return drawn[0]
+
+
+@dataclass
+class RunInputs:
+    """Everything the user gave, read and checked."""
+
+    checkpoint: Path | None  # to resume from
+    instance_records: list[ImageRecord]
+    class_records: list[ImageRecord]  # the class images there already are; missing ones are generated later
+    repo_id: str | None  # the Hub repository, created up front
+
+
+def check_inputs(args, accelerator: Accelerator, config: tl.TLoraConfig) -> RunInputs:
+    """Read and check every input before any model is loaded: a bad image, checkpoint or Hub name costs
+    seconds, not a model load. Creates the output folder and the Hub repository."""
+    checkpoint = resume_checkpoint(args)
+    if checkpoint is not None:
+        check_checkpoint_config(checkpoint, config)
+    instance_records = load_instance_records(args)
+    class_records = load_class_records(args) if args.with_prior_preservation else []
+    repo_id = None
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(output_dir)
+        if args.push_to_hub:
+            repo_id = create_hub_repo(args)
+    return RunInputs(checkpoint, instance_records, class_records, repo_id)
+
+
+def start_tracking(accelerator: Accelerator, args, tracker_name: str) -> None:
+    if accelerator.is_main_process:
+        # TensorBoard hyperparameters must be scalars; the token must never be logged.
+        config = {
+            key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in vars(args).items()
+            if key != "hub_token"
+        }
+        accelerator.init_trackers(tracker_name, config=config)
+
+
+def resume(accelerator: Accelerator, checkpoint: Path | None, dataloader, args):
+    """Restore the training state of `checkpoint` (if any); returns the step reached and the batches still to
+    come (the data loader covers the whole run, see `training.data`)."""
+    if checkpoint is None:
+        return 0, dataloader
+    logger.info(f"Resuming from {checkpoint}")
+    accelerator.load_state(str(checkpoint))
+    step = checkpoint_step(checkpoint)
+    return step, accelerator.skip_first_batches(dataloader, step * args.gradient_accumulation_steps)
+
+
+def publish_and_report(
+    args, accelerator: Accelerator, repo_id: str | None, written: dict, steps: tuple[int, int], elapsed: float
+) -> None:
+    """Upload the result (if asked) and print one line on what was trained and where it is. Main process only;
+    `steps` is (first step, last step) of this run."""
+    if repo_id is not None:
+        push_to_hub(args, repo_id)
+        written["Hub"] = f"https://huggingface.co/{repo_id}"
+    first, last = steps
+    count = last - first
+    pace = f"{elapsed / count:.2f} s/step" if count else "no steps run"
+    where = " ".join(f"{name}: {path}." for name, path in written.items())
+    accelerator.print(f"Trained steps {first + 1}-{last} ({count} steps) in {elapsed:.1f} s, {pace}. {where}")
