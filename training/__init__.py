@@ -13,6 +13,7 @@ Modules, roughly in the order a training run uses them:
     data          training images, the DreamBooth dataset, the seeded stream sampler and the data loader
     latents       VAE latents: moments, sampling, normalisation, and the latent cache
     adapter       the T-LoRA config from the flags, and attaching the trainable adapter to the denoiser
+    quantization  a quantised (NF4 / int8) base: bitsandbytes layers in place of the denoiser's linears
     optim         optimizer and learning-rate schedule
     checkpoints   atomic checkpoints with rotation, resume and its checks, adapter-only training state
     validation    validation and class images, with the adapter loaded the way users load it
