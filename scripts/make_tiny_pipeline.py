@@ -391,20 +391,22 @@ def build_denoiser(
 ):
     """The family's denoiser at `size` on `device` in `dtype`, in eval mode.
 
-    On the meta device (any size) it holds shapes only: for parameter and FLOP counts. On a CPU or GPU the
-    weights are those of `build_pipeline(family, size, seed=seed)`'s denoiser (cast when `dtype` is not
-    float32; `full` sizes are created directly in `dtype`).
+    On the meta device (any size) it holds shapes only: for parameter and FLOP counts. Tiny and small ones
+    are created on the CPU in float32, so that on any device their weights are those of
+    `build_pipeline(family, size, seed=seed)`'s denoiser, then moved and cast. Full-size ones are created
+    directly on `device` in `dtype`: random init of billions of parameters on a CPU takes minutes, and creating
+    them in float32 first would need twice the memory.
     """
     import diffusers
 
     _check(family, size)
     denoiser_class = getattr(diffusers, DENOISER_CLASSES[family])
     component = "transformer" if family == "flux" else "unet"
-    creation_dtype = dtype if size == "full" else torch.float32
-    with _seeded(seed, component, device, creation_dtype):
+    direct = size == "full" or torch.device(device).type == "meta"
+    with _seeded(seed, component, device if direct else "cpu", dtype if direct else torch.float32):
         denoiser = denoiser_class(**denoiser_config(family, size))
-    if denoiser.dtype != dtype:
-        denoiser.to(dtype)
+    if denoiser.device != torch.device(device) or denoiser.dtype != dtype:
+        denoiser.to(device, dtype)
     return denoiser.eval()
 
 
