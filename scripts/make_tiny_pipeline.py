@@ -91,9 +91,12 @@ _SMALL_CLIP = dict(
 # VAEs downsample 8x as the real ones do (four blocks); only the latent channels differ between families.
 _TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64)
 _SMALL_VAE = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=256)
+# T5 v1.1 encoders (FLUX.1's second text encoder is T5-XXL: 4096 wide, 24 layers)
+_TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+_SMALL_T5 = dict(d_model=128, d_kv=32, d_ff=512, num_layers=4, num_heads=4)
 
-# stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json: 0.86 B parameters. Its attention_head_dim is,
-# by an old diffusers naming, the number of heads.
+# stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (its other settings are diffusers' defaults):
+# 0.86 B parameters. Its attention_head_dim is, by an old diffusers naming, the number of heads.
 SD15_UNET_CONFIG = dict(
     sample_size=64,
     in_channels=4,
@@ -104,13 +107,6 @@ SD15_UNET_CONFIG = dict(
     layers_per_block=2,
     attention_head_dim=8,
     cross_attention_dim=768,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
 )
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: 2.57 B parameters, 140 attention modules.
@@ -155,40 +151,66 @@ FLUX_DEV_TRANSFORMER_CONFIG = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
+
+def _fixture_unet(**config) -> dict[str, Any]:
+    """A fixture UNet's settings: SD's latent channels, two layers per block, 32 normalisation groups."""
+    return dict(in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32, **config)
+
+
+def _sdxl_fixture_unet(time_embed_dim: int, pooled_width: int, **config) -> dict[str, Any]:
+    """SD-XL's additions: linear attention projections and the size/crop conditioning, whose input is six
+    embedded numbers and the pooled text embedding of the second encoder."""
+    return _fixture_unet(
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_width,
+        **config,
+    )
+
+
+def _fixture_flux_transformer(
+    double_blocks: int, single_blocks: int, heads: int, axes_dims_rope: tuple[int, int, int], t5: dict, clip: dict
+) -> dict[str, Any]:
+    """FLUX.1-dev's transformer with fewer blocks and heads; the rotary axes span one head, as in FLUX.1, and the
+    text streams come from the fixture's T5 (per token) and CLIP (pooled) encoders."""
+    return dict(
+        FLUX_DEV_TRANSFORMER_CONFIG,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        num_attention_heads=heads,
+        attention_head_dim=sum(axes_dims_rope),
+        axes_dims_rope=axes_dims_rope,
+        joint_attention_dim=t5["d_model"],
+        pooled_projection_dim=clip["hidden_size"],
+    )
+
+
 # Per family and size: the denoiser, the VAE, the CLIP text encoder(s) and (FLUX) the T5 encoder. A UNet's
-# cross_attention_dim is its text encoders' width (SD-XL: both, concatenated); SD-XL's
-# projection_class_embeddings_input_dim is 6 * addition_time_embed_dim + the pooled text width. FLUX's
-# joint_attention_dim is the T5 width and pooled_projection_dim the CLIP width.
+# cross_attention_dim is its text encoders' width (SD-XL: both, concatenated). FLUX's joint_attention_dim is
+# the T5 width and pooled_projection_dim the CLIP width.
 CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "sd": {
         "tiny": {
-            "denoiser": dict(
+            "denoiser": _fixture_unet(
                 sample_size=8,
-                in_channels=4,
-                out_channels=4,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                 block_out_channels=(32, 64),
-                layers_per_block=2,
                 attention_head_dim=(2, 4),
                 cross_attention_dim=32,
-                norm_num_groups=32,
             ),
             "vae": _TINY_VAE,
             "clip": _TINY_CLIP,
         },
         "small": {
-            "denoiser": dict(
+            "denoiser": _fixture_unet(
                 sample_size=32,
-                in_channels=4,
-                out_channels=4,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                 block_out_channels=(64, 128, 256),
-                layers_per_block=2,
                 attention_head_dim=8,
                 cross_attention_dim=128,
-                norm_num_groups=32,
             ),
             "vae": _SMALL_VAE,
             "clip": _SMALL_CLIP,
@@ -197,43 +219,31 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "sdxl": {
         "tiny": {
-            "denoiser": dict(
+            "denoiser": _sdxl_fixture_unet(
+                time_embed_dim=8,
+                pooled_width=_TINY_CLIP["projection_dim"],
                 sample_size=8,
-                in_channels=4,
-                out_channels=4,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                 block_out_channels=(32, 64),
-                layers_per_block=2,
                 transformer_layers_per_block=(1, 2),
                 attention_head_dim=(2, 4),
-                cross_attention_dim=64,
-                norm_num_groups=32,
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=6 * 8 + 32,
+                cross_attention_dim=2 * _TINY_CLIP["hidden_size"],
             ),
             "vae": _TINY_VAE,
             "clip": _TINY_CLIP,
         },
         "small": {
-            "denoiser": dict(
+            "denoiser": _sdxl_fixture_unet(
+                time_embed_dim=32,
+                pooled_width=_SMALL_CLIP["projection_dim"],
                 sample_size=32,
-                in_channels=4,
-                out_channels=4,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 block_out_channels=(64, 128, 256),
-                layers_per_block=2,
                 transformer_layers_per_block=(1, 2, 4),
                 attention_head_dim=(2, 4, 8),
-                cross_attention_dim=256,
-                norm_num_groups=32,
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=32,
-                projection_class_embeddings_input_dim=6 * 32 + 128,
+                cross_attention_dim=2 * _SMALL_CLIP["hidden_size"],
             ),
             "vae": _SMALL_VAE,
             "clip": _SMALL_CLIP,
@@ -242,34 +252,20 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "flux": {
         "tiny": {
-            "denoiser": dict(
-                FLUX_DEV_TRANSFORMER_CONFIG,
-                num_layers=2,
-                num_single_layers=2,
-                attention_head_dim=16,
-                num_attention_heads=2,
-                joint_attention_dim=32,
-                pooled_projection_dim=32,
-                axes_dims_rope=(4, 6, 6),
+            "denoiser": _fixture_flux_transformer(
+                double_blocks=2, single_blocks=2, heads=2, axes_dims_rope=(4, 6, 6), t5=_TINY_T5, clip=_TINY_CLIP
             ),
             "vae": _TINY_VAE,
             "clip": _TINY_CLIP,
-            "t5": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4),
+            "t5": _TINY_T5,
         },
         "small": {
-            "denoiser": dict(
-                FLUX_DEV_TRANSFORMER_CONFIG,
-                num_layers=3,
-                num_single_layers=6,
-                attention_head_dim=64,
-                num_attention_heads=4,
-                joint_attention_dim=128,
-                pooled_projection_dim=128,
-                axes_dims_rope=(8, 28, 28),
+            "denoiser": _fixture_flux_transformer(
+                double_blocks=3, single_blocks=6, heads=4, axes_dims_rope=(8, 28, 28), t5=_SMALL_T5, clip=_SMALL_CLIP
             ),
             "vae": _SMALL_VAE,
             "clip": _SMALL_CLIP,
-            "t5": dict(d_model=128, d_kv=32, d_ff=512, num_layers=4, num_heads=4),
+            "t5": _SMALL_T5,
         },
         "full": {"denoiser": FLUX_DEV_TRANSFORMER_CONFIG},
     },
@@ -285,35 +281,23 @@ VAE_SETTINGS = {
     ),
 }
 
+# SD 1.x's and SD-XL's shared noise schedule, sampled at "leading" timesteps.
+_SD_NOISE_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    steps_offset=1,
+)
+
 # The reference checkpoints' scheduler_config.json (class name, settings).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sd": (
-        "PNDMScheduler",
-        dict(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            prediction_type="epsilon",
-            set_alpha_to_one=False,
-            skip_prk_steps=True,
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
-    ),
+    "sd": ("PNDMScheduler", dict(_SD_NOISE_SCHEDULE, set_alpha_to_one=False, skip_prk_steps=True)),
     "sdxl": (
         "EulerDiscreteScheduler",
-        dict(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            prediction_type="epsilon",
-            interpolation_type="linear",
-            use_karras_sigmas=False,
-            timestep_spacing="leading",
-            steps_offset=1,
-        ),
+        dict(_SD_NOISE_SCHEDULE, interpolation_type="linear", use_karras_sigmas=False),
     ),
     "flux": (
         "FlowMatchEulerDiscreteScheduler",

@@ -19,6 +19,13 @@ PROMPT = "a photo of sks dog"
 FAMILIES = ("sd", "sdxl", "flux")
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
 DENOISERS = {"sd": "unet", "sdxl": "unet", "flux": "transformer"}
+# SD 1.5's and SD-XL base's noise schedule: (num_train_timesteps, beta_schedule, beta_start, beta_end)
+SCALED_LINEAR_BETAS = (1000, "scaled_linear", 0.00085, 0.012)
+
+
+def _betas(scheduler_config) -> tuple:
+    c = scheduler_config
+    return (c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end)
 
 
 def _image_module():
@@ -59,12 +66,7 @@ def test_folder_loads_offline(tiny_sdxl_dir):
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
     sched = pipe.scheduler.config
-    assert (sched.num_train_timesteps, sched.beta_schedule, sched.beta_start, sched.beta_end) == (
-        1000,
-        "scaled_linear",
-        0.00085,
-        0.012,
-    )
+    assert _betas(sched) == SCALED_LINEAR_BETAS
     assert (sched.timestep_spacing, sched.steps_offset) == ("leading", 1)
 
     img2img = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_dir)
@@ -155,12 +157,7 @@ def test_sd_fixture_is_shaped_like_sd15(tiny_sd_pipe):
     # stable-diffusion-v1-5's scheduler_config.json
     assert isinstance(pipe.scheduler, PNDMScheduler)
     sched = pipe.scheduler.config
-    assert (sched.num_train_timesteps, sched.beta_schedule, sched.beta_start, sched.beta_end) == (
-        1000,
-        "scaled_linear",
-        0.00085,
-        0.012,
-    )
+    assert _betas(sched) == SCALED_LINEAR_BETAS
     assert (sched.skip_prk_steps, sched.set_alpha_to_one, sched.steps_offset) == (True, False, 1)
     assert sched.prediction_type == "epsilon"
 
@@ -196,16 +193,8 @@ def test_flux_fixture_is_shaped_like_flux1_dev(tiny_flux_pipe):
     # black-forest-labs/FLUX.1-dev's scheduler_config.json
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     sched = pipe.scheduler.config
-    expected = dict(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    assert {key: sched[key] for key in expected} == expected
+    assert (sched.shift, sched.use_dynamic_shifting, sched.base_shift, sched.max_shift) == (3.0, True, 0.5, 1.15)
+    assert (sched.num_train_timesteps, sched.base_image_seq_len, sched.max_image_seq_len) == (1000, 256, 4096)
 
 
 @pytest.mark.parametrize("max_sequence_length", [32, 512])
