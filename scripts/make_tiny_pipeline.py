@@ -321,9 +321,13 @@ _SEED_OFFSETS = {"unet": 0, "transformer": 0, "vae": 1, "text_encoder": 2, "text
 # --------------------------------------------------------------------------- lookups
 
 
-def _check(family: str, size: str, sizes: tuple[str, ...] = SIZES) -> None:
+def _check_family(family: str) -> None:
     if family not in CONFIGS:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def _check(family: str, size: str, sizes: tuple[str, ...] = SIZES) -> None:
+    _check_family(family)
     if size not in sizes:
         hint = " (full-size models are built as a denoiser only: use build_denoiser)" if size == "full" else ""
         raise ValueError(f"unknown size {size!r} here; expected one of {', '.join(sizes)}{hint}")
@@ -343,7 +347,7 @@ def default_resolution(family: str, size: str) -> int:
 
 def build_scheduler(family: str):
     """A fresh scheduler configured like the family's reference checkpoint."""
-    _check(family, "tiny")
+    _check_family(family)
     import diffusers
 
     class_name, config = SCHEDULERS[family]
