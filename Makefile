@@ -1,9 +1,11 @@
-# T-LoRA for SD-XL: environment, tests and local fixtures.
+# T-LoRA: environment, tests and local fixtures.
 #
 #   make venv           create .venv and install the requirements (re-runs only when they change)
 #   make test           run the test suite offline (PYTEST_ARGS="-q tests -k name" to narrow it)
-#   make fixtures       build the tiny random SD-XL pipeline in outputs/tiny-sdxl
-#   make fixtures-small build the larger benchmark-sized one in outputs/small-sdxl
+#   make fixtures       build the tiny random pipeline of FAMILY (sd, sdxl or flux; default sdxl) in
+#                       outputs/tiny-FAMILY, e.g. make fixtures FAMILY=flux
+#   make fixtures-small build the larger benchmark-sized one in outputs/small-FAMILY
+#   make fixtures-all   build both sizes of every family
 #   make demo           run scripts/demo.py (DEMO_ARGS are passed on)
 #   make clean          remove outputs/ and caches (keeps .venv); make distclean also removes .venv
 #
@@ -19,11 +21,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -q tests
 DEMO_ARGS ?=
+FAMILY ?= sdxl
+FAMILIES := sd sdxl flux
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fixtures fixtures-small demo clean distclean
+.PHONY: venv test fixtures fixtures-small fixtures-all demo clean distclean
 
 venv: $(STAMP)
 
@@ -38,15 +42,19 @@ $(STAMP): requirements.txt requirements-dev.txt | $(PY)
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-fixtures: outputs/tiny-sdxl/model_index.json
+fixtures: outputs/tiny-$(FAMILY)/model_index.json
 
-fixtures-small: outputs/small-sdxl/model_index.json
+fixtures-small: outputs/small-$(FAMILY)/model_index.json
 
-outputs/tiny-sdxl/model_index.json: scripts/make_tiny_sdxl.py $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) scripts/make_tiny_sdxl.py outputs/tiny-sdxl --size tiny --overwrite
+fixtures-all: $(foreach size,tiny small,$(foreach family,$(FAMILIES),outputs/$(size)-$(family)/model_index.json))
 
-outputs/small-sdxl/model_index.json: scripts/make_tiny_sdxl.py $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) scripts/make_tiny_sdxl.py outputs/small-sdxl --size small --overwrite
+FIXTURE_SOURCES := scripts/make_tiny_pipeline.py scripts/tiny_tokenizers.py $(STAMP)
+
+outputs/tiny-%/model_index.json: $(FIXTURE_SOURCES)
+	HF_HUB_OFFLINE=1 $(PY) scripts/make_tiny_pipeline.py outputs/tiny-$* --family $* --size tiny --overwrite
+
+outputs/small-%/model_index.json: $(FIXTURE_SOURCES)
+	HF_HUB_OFFLINE=1 $(PY) scripts/make_tiny_pipeline.py outputs/small-$* --family $* --size small --overwrite
 
 demo: venv
 	$(PY) scripts/demo.py $(DEMO_ARGS)

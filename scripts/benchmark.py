@@ -18,8 +18,8 @@ per sample, UNet forward, MSE loss, backward, AdamW step) for PEFT LoRA, Vanilla
 and measures each one's peak memory in a child process of its own. `--cli` also times the training script
 `train_tlora_sdxl.py` itself in its steady state.
 
-Sizes: `tiny` and `small` are the random fixtures of `scripts/make_tiny_sdxl.py` (64 and 256 px); `full` is
-the SD-XL base UNet architecture with random weights (1024 px), for a GPU. `--dry-run` builds the chosen UNet
+Sizes: `tiny` and `small` are the random SD-XL fixtures of `scripts/make_tiny_pipeline.py` (64 and 256 px); `full`
+is the SD-XL base UNet architecture with random weights (1024 px), for a GPU. `--dry-run` builds the chosen UNet
 on the meta device and counts parameters and FLOPs per step without running anything.
 
 All configurations are held in memory at once, each on its own copy of the UNet, and every repeat visits each
@@ -61,7 +61,7 @@ import transformers  # noqa: E402
 import pipelines.tlora as tl  # noqa: E402
 from pipelines.tlora.file_format import write_atomically  # noqa: E402
 from scripts.arguments import positive_int  # noqa: E402
-from scripts.make_tiny_sdxl import CONFIGS, SCHEDULER_CONFIG, build_tiny_sdxl_pipeline, save_tiny_sdxl  # noqa: E402
+from scripts.make_tiny_pipeline import build_denoiser, build_scheduler, default_resolution, save_pipeline  # noqa: E402
 
 SIZES = ("tiny", "small", "full")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -74,34 +74,6 @@ SEED = 0
 PERTURBATION = 0.01  # scale of the random values that make loaded adapters non-zero
 MEMORY_TARGET_GB = 16.0
 MEGABYTE = 2**20
-
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: 2.57 B parameters, 140 attention modules.
-SDXL_BASE_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    use_linear_projection=True,
-    upcast_attention=False,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,  # 6 * 256 (size and crop ids) + 1280 (pooled text embedding)
-)
-
 
 @dataclass(frozen=True)
 class Adapter:
@@ -135,27 +107,12 @@ def train_adapters(rank: int) -> list[Adapter]:
 # --------------------------------------------------------------------------- models and adapters
 
 
-def unet_config(size: str) -> dict:
-    return SDXL_BASE_UNET_CONFIG if size == "full" else CONFIGS[size]["unet"]
-
-
 def build_base_unet(size: str, device: str, dtype: torch.dtype):
-    """The frozen UNet and Euler scheduler of `size`, on `device` in `dtype`."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-
-    if size == "full":
-        # Built on the target device: random init of 2.6 B parameters on a CPU takes minutes.
-        torch.manual_seed(SEED)
-        with torch.device(device):
-            unet = UNet2DConditionModel(**SDXL_BASE_UNET_CONFIG)
-        scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
-    else:
-        pipe = build_tiny_sdxl_pipeline(size, seed=SEED)
-        unet, scheduler = pipe.unet, pipe.scheduler
-    unet.to(device)
-    if unet.dtype != dtype:
-        unet.to(dtype)
-    return unet.eval().requires_grad_(False), scheduler
+    """The frozen UNet and Euler scheduler of `size`, on `device` in `dtype`: the fixture's weights for tiny and
+    small; for full, random weights created on the device (random init of 2.6 B parameters on a CPU takes
+    minutes)."""
+    unet = build_denoiser("sdxl", size, device, dtype, seed=SEED)
+    return unet.requires_grad_(False), build_scheduler("sdxl")
 
 
 def tlora_config(adapter: Adapter, min_rank: int) -> tl.TLoraConfig:
@@ -353,10 +310,7 @@ def owner_module(projection_path: str) -> str:
 
 def meta_unet(size: str):
     """The frozen UNet of `size` on the meta device: shapes only, no memory, no compute."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel(**unet_config(size)).requires_grad_(False)
+    return build_denoiser("sdxl", size, "meta").requires_grad_(False)
 
 
 def step_flops(unet, resolution: int, train: bool) -> int:
@@ -664,7 +618,7 @@ def measure_cli(args, bare_step_s: float) -> dict:
     env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads is not None else {})
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = save_tiny_sdxl(Path(tmp) / "model", size=args.size, seed=SEED)
+        model = save_pipeline(Path(tmp) / "model", "sdxl", args.size, seed=SEED)
         images = Path(tmp) / "images"
         images.mkdir()
         shutil.copy(EXAMPLE_IMAGE, images)
@@ -821,7 +775,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.min_rank > args.rank:
         parser.error(f"--min-rank ({args.min_rank}) must not exceed --rank ({args.rank})")
     if args.resolution is None:
-        args.resolution = unet_config(args.size)["sample_size"] * 8
+        args.resolution = default_resolution("sdxl", args.size)
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8 (the VAE's downsampling), got {args.resolution}")
     if getattr(args, "use_8bit_adam", False) and not args.dry_run and importlib.util.find_spec("bitsandbytes") is None:

@@ -48,14 +48,14 @@ def demo_environment() -> dict[str, str]:
 
 
 def ensure_model(size: str) -> Path:
-    from scripts.make_tiny_sdxl import save_tiny_sdxl
+    from scripts.make_tiny_pipeline import save_pipeline
 
     folder = DEMO_DIR / f"{size}-sdxl"
     if (folder / "model_index.json").is_file():
         print(f"Reusing the {size} model in {folder}")
         return folder
     print(f"Building a random {size} SD-XL model in {folder}")
-    return save_tiny_sdxl(folder, size=size, overwrite=True)
+    return save_pipeline(folder, "sdxl", size, overwrite=True)
 
 
 def train(model: Path, output_dir: Path, size: str, steps: int) -> None:

@@ -1,14 +1,24 @@
-"""Shared pytest setup: offline Hugging Face libraries and a locally built tiny SD-XL.
+"""Shared pytest setup: offline Hugging Face libraries and locally built tiny pipelines of every model family.
 
 Fixtures
 --------
 ``tiny_sdxl_dir`` (session)
     Path to a ``save_pretrained`` SD-XL folder with random tiny weights, built
-    once per test session by ``scripts.make_tiny_sdxl.save_tiny_sdxl``
-    (size "tiny", seed 0; default image 64x64 px).
+    once per test session by ``scripts.make_tiny_pipeline.save_pipeline``
+    (family "sdxl", size "tiny", seed 0; default image 64x64 px).
 ``tiny_pipe`` (function)
     A fresh ``StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)`` on the
     CPU with its progress bar disabled; tests may modify it freely.
+``tiny_sd_dir`` (session), ``tiny_sd_pipe`` (function)
+    The same for SD 1.x: a ``StableDiffusionPipeline`` folder (one CLIP text
+    encoder, PNDM scheduler as SD 1.5, no safety checker; default image 64x64 px)
+    and a fresh pipeline loaded from it.
+``tiny_flux_dir`` (session), ``tiny_flux_pipe`` (function)
+    The same for FLUX.1: a ``FluxPipeline`` folder (FluxTransformer2DModel,
+    16-channel VAE, CLIP + T5 encoders, FLUX.1-dev's flow-matching scheduler) and
+    a fresh pipeline loaded from it. FluxPipeline's default size is 1024 px
+    whatever the model: pass ``height=64, width=64``; ``max_sequence_length``
+    may be anything up to 512.
 ``example_image_path`` (session)
     Path to ``examples/concept.png`` (512x512 RGB).
 """
@@ -50,23 +60,55 @@ def _quiet_loading_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _save_tiny(tmp_path_factory, family: str) -> Path:
+    from scripts.make_tiny_pipeline import save_pipeline
+
+    _quiet_loading_progress_bars()
+    return save_pipeline(tmp_path_factory.mktemp(f"tiny-{family}"), family, "tiny", seed=0)
+
+
+def _load_on_cpu(pipeline_class: str, folder: Path):
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(folder).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
     """A tiny random SD-XL pipeline folder, written once per session."""
-    from scripts.make_tiny_sdxl import save_tiny_sdxl
-
-    _quiet_loading_progress_bars()
-    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"), size="tiny", seed=0)
+    return _save_tiny(tmp_path_factory, "sdxl")
 
 
 @pytest.fixture
 def tiny_pipe(tiny_sdxl_dir):
     """A freshly loaded tiny ``StableDiffusionXLPipeline`` on the CPU, progress bar off."""
-    from diffusers import StableDiffusionXLPipeline
+    return _load_on_cpu("StableDiffusionXLPipeline", tiny_sdxl_dir)
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir).to("cpu")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny random SD 1.x pipeline folder, written once per session."""
+    return _save_tiny(tmp_path_factory, "sd")
+
+
+@pytest.fixture
+def tiny_sd_pipe(tiny_sd_dir):
+    """A freshly loaded tiny ``StableDiffusionPipeline`` on the CPU, progress bar off."""
+    return _load_on_cpu("StableDiffusionPipeline", tiny_sd_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A tiny random FLUX.1 pipeline folder, written once per session."""
+    return _save_tiny(tmp_path_factory, "flux")
+
+
+@pytest.fixture
+def tiny_flux_pipe(tiny_flux_dir):
+    """A freshly loaded tiny ``FluxPipeline`` on the CPU, progress bar off."""
+    return _load_on_cpu("FluxPipeline", tiny_flux_dir)
 
 
 @pytest.fixture(scope="session")

@@ -36,13 +36,13 @@ def clip_dir(tmp_path_factory) -> Path:
     """A tiny random CLIPModel with the tiny SD-XL's tokenizer and a 32 px image processor."""
     from transformers import CLIPConfig, CLIPModel
 
-    from scripts.make_tiny_sdxl import EOS_TOKEN, MODEL_MAX_LENGTH, build_tokenizer
+    from scripts.tiny_tokenizers import CLIP_EOS_TOKEN, CLIP_MAX_LENGTH, build_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer = build_tokenizer(pad_token=EOS_TOKEN)
+    tokenizer = build_clip_tokenizer(pad_token=CLIP_EOS_TOKEN)
     text_config = dict(
         vocab_size=len(tokenizer),
-        max_position_embeddings=MODEL_MAX_LENGTH,
+        max_position_embeddings=CLIP_MAX_LENGTH,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
