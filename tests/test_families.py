@@ -195,45 +195,50 @@ def test_flux_gradient_checkpointing_gives_the_same_gradients(tiny_flux_pipe):
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
 
 
-def _flux_standard_lora(pipe, tmp_path):
+def _standard_lora(pipe, tmp_path):
+    """A seeded PEFT LoRA on `to_q`/`to_v` of the pipeline's denoiser, saved as diffusers saves LoRAs."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    transformer = copy.deepcopy(pipe.transformer)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    denoiser, family = tl.denoiser_of(pipe)
+    denoiser = copy.deepcopy(denoiser)
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
+        for name, parameter in denoiser.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    diffusers.FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    layers = {f"{family.denoiser_attribute}_lora_layers": get_peft_model_state_dict(denoiser)}
+    type(pipe).save_lora_weights(tmp_path, **layers)
     return tmp_path
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
 @pytest.mark.parametrize("tlora_first", [True, False])
-def test_flux_standard_lora_alongside(tiny_flux_pipe, tmp_path, tlora_first):
-    pipe = tiny_flux_pipe
-    lora_dir = _flux_standard_lora(pipe, tmp_path)
+def test_standard_lora_alongside(request, tmp_path, family, tlora_first):
+    pipe = _family_pipe(request, family)
+    denoiser = tl.denoiser_of(pipe)[0]
+    lora_dir = _standard_lora(pipe, tmp_path)
     pipe.load_lora_weights(lora_dir)
-    lora_only = _flux_generate(pipe)
+    lora_only = _generate(pipe)
     pipe.unload_lora_weights()
     if tlora_first:
-        add_random_tlora(pipe.transformer)
-        tlora_only = _flux_generate(pipe)
+        add_random_tlora(denoiser)
+        tlora_only = _generate(pipe)
         pipe.load_lora_weights(lora_dir)
     else:
         pipe.load_lora_weights(lora_dir)
-        add_random_tlora(pipe.transformer)
+        add_random_tlora(denoiser)
         pipe.unload_lora_weights()
-        tlora_only = _flux_generate(pipe)
+        tlora_only = _generate(pipe)
         pipe.load_lora_weights(lora_dir)
-    both = _flux_generate(pipe)
+    both = _generate(pipe)
     assert abs(both - lora_only).max() > 1e-3 and abs(both - tlora_only).max() > 1e-3
-    pipe.unload_lora_weights()
-    assert abs(_flux_generate(pipe) - tlora_only).max() < 1e-5
+    pipe.unload_lora_weights()  # removes the standard LoRA only
+    assert abs(_generate(pipe) - tlora_only).max() < 1e-5
     pipe.load_lora_weights(lora_dir)
-    pipe.unload_tlora_weights()
-    assert abs(_flux_generate(pipe) - lora_only).max() < 1e-5
+    pipe.unload_tlora_weights()  # removes T-LoRA only
+    assert abs(_generate(pipe) - lora_only).max() < 1e-5
 
 
 def test_flux_several_adapters(tiny_flux_pipe):

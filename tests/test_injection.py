@@ -163,51 +163,6 @@ def test_ip_adapter_keeps_tlora(tiny_pipe):
     assert abs(both - tlora_only).max() > 1e-3 and abs(both - ip_only).max() > 1e-3
 
 
-def _standard_lora(unet, tmp_path, seed=0):
-    from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    copy_of_unet = copy.deepcopy(unet)
-    copy_of_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in copy_of_unet.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(copy_of_unet))
-    return tmp_path
-
-
-@pytest.mark.parametrize("tlora_first", [True, False])
-def test_standard_lora_alongside(tiny_pipe, tmp_path, tlora_first):
-    pytest.importorskip("peft")
-    pipe = tiny_pipe
-    lora_dir = _standard_lora(pipe.unet, tmp_path)
-    pipe.load_lora_weights(lora_dir)
-    lora_only = generate(pipe)
-    pipe.unload_lora_weights()
-
-    if tlora_first:
-        add_random_tlora(pipe.unet)
-        tlora_only = generate(pipe)
-        pipe.load_lora_weights(lora_dir)
-    else:
-        pipe.load_lora_weights(lora_dir)
-        add_random_tlora(pipe.unet)
-        pipe.unload_lora_weights()
-        tlora_only = generate(pipe)
-        pipe.load_lora_weights(lora_dir)
-    both = generate(pipe)
-    assert abs(both - lora_only).max() > 1e-3 and abs(both - tlora_only).max() > 1e-3
-
-    pipe.unload_lora_weights()  # removes the standard LoRA only
-    assert abs(generate(pipe) - tlora_only).max() < 1e-5
-    pipe.load_lora_weights(lora_dir)
-    pipe.unload_tlora_weights()  # removes T-LoRA only
-    assert abs(generate(pipe) - lora_only).max() < 1e-5
-
-
 def test_fused_projections_are_refused(tiny_pipe):
     pipe = tiny_pipe
     pipe.fuse_qkv_projections()
