@@ -10,7 +10,9 @@ Usage::
         [--overwrite]
     python scripts/convert_tlora.py inspect FILE [--hparams PATH]
 
-IN is a `pytorch_tlora_weights.safetensors` file or a folder holding one. Errors print `error: ...` and exit with
+IN is a `pytorch_tlora_weights.safetensors` file or a folder holding one. Both of the authors' layouts are known:
+SD-XL (`checkpoint-N/pytorch_lora_weights.safetensors`) and FLUX.1 (`checkpoint-N/lora.pt`, a torch pickle read
+weights-only; exports write `lora.safetensors` instead). The model family comes from the keys and `model_family`. Errors print `error: ...` and exit with
 status 2. The conversions themselves live in `pipelines.tlora.convert`.
 """
 
@@ -37,12 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
         "import-official",
         help="authors' checkpoint -> this package's T-LoRA file",
         description="Read <run>/checkpoint-N (and <run>/logs/hparams.yml) and write OUT_DIR/pytorch_tlora_weights."
-        "safetensors. The tensors decide the variant; flags override hparams.yml.",
+        "safetensors. The tensors decide the variant and the model family; flags override hparams.yml. A FLUX "
+        "lora.pt is read with torch.load(weights_only=True): tensors only, anything else is refused.",
     )
-    importer.add_argument("checkpoint", type=Path, help="checkpoint-N folder or its pytorch_lora_weights.safetensors")
+    importer.add_argument(
+        "checkpoint", type=Path, help="checkpoint-N folder or its weights (pytorch_lora_weights.safetensors, lora.pt)"
+    )
     importer.add_argument("out_dir", type=Path)
     importer.add_argument("--hparams", type=Path, help="hparams.yml (default: <run>/logs/hparams.yml)")
-    importer.add_argument("--rank", type=positive_int, help="maximum rank (lora_rank)")
+    importer.add_argument("--rank", type=positive_int, help="maximum rank (SD-XL: lora_rank; FLUX: rank)")
     importer.add_argument("--min-rank", type=positive_int, help="minimum rank of the schedule (min_rank)")
     importer.add_argument("--schedule-exponent", type=float, help="schedule exponent (alpha_rank_scale)")
     importer.add_argument("--variant", choices=("ortho", "vanilla"), help="expected variant (checked against the keys)")
@@ -52,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     exporter = commands.add_parser(
         "export-official",
         help="T-LoRA file -> authors' layout",
-        description="Write OUT_DIR/checkpoint-STEP/pytorch_lora_weights.safetensors and OUT_DIR/logs/hparams.yml.",
+        description="Write OUT_DIR/checkpoint-STEP/pytorch_lora_weights.safetensors (SD-XL) or lora.safetensors "
+        "(FLUX, all 14 tensors of every block) and OUT_DIR/logs/hparams.yml.",
     )
     exporter.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
     exporter.add_argument("out_dir", type=Path)
@@ -74,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMATS,
         default="diffusers",
-        help="diffusers: PEFT keys (unet.<module>.lora_A/B); kohya: lora_unet_<SD-XL module>.lora_down/up/alpha",
+        help="diffusers: PEFT keys (unet. or transformer.<module>.lora_A/B); kohya (SD-XL): "
+        "lora_unet_<module>.lora_down/up/alpha",
     )
     lora.add_argument("--overwrite", action="store_true")
 

@@ -1,9 +1,13 @@
 """Moving adapters between this package's format, the T-LoRA authors' checkpoints and standard LoRA files.
 
     import_official   authors' checkpoint-N folder (+ logs/hparams.yml)  ->  pytorch_tlora_weights.safetensors
-    export_official   our file  ->  OUT/checkpoint-N/pytorch_lora_weights.safetensors + OUT/logs/hparams.yml
+    export_official   our file  ->  OUT/checkpoint-N/<weights> + OUT/logs/hparams.yml
     export_lora       our file  ->  a standard LoRA (diffusers or kohya keys) frozen at one rank
     inspect_adapter   either layout  ->  a summary of its settings and schedule
+
+The authors have two layouts, one per model family: SD-XL (`official_format.py`, safetensors) and FLUX.1
+(`official_flux.py`, `lora.pt`, a torch pickle read here with weights-only unpickling and nothing else). Which one a
+checkpoint is follows from its keys; the family of our files from their `model_family`.
 
 Each command reads its input, checks it completely, then writes its output under a temporary name that is renamed
 when complete (a folder is built beside its destination), so a failure never leaves a partial file. It returns a
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,13 +33,25 @@ from .file_format import (
     METADATA_KEY,
     WEIGHT_NAME,
     TLoraFileError,
+    family_of_config,
     read_safetensors,
     refuse_pickle,
     split_state_dict,
     write_atomically,
 )
+from .families import FLUX, SDXL, ModelFamily
 from .loader import save_tlora_weights, tlora_state_dict
 from .lora_export import FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
+from .official_flux import (
+    FLUX_EXPORT_WEIGHT_NAME,
+    FLUX_WEIGHT_NAME,
+    flux_hparams_for,
+    flux_official_to_tlora_state_dict,
+    flux_settings_from_hparams,
+    is_flux_checkpoint,
+    resolve_flux_config,
+    tlora_to_flux_official_state_dict,
+)
 from .official_format import (
     HPARAMS_NAME,
     LOGS_DIR,
@@ -60,9 +77,10 @@ EXPORT_METADATA_KEY = "tlora_export"
 INSPECT_TIMESTEPS = (0, 250, 500, 750, 999)
 KNOWN_LAYOUTS = (
     "Known layouts: this package's T-LoRA file (pytorch_tlora_weights.safetensors with `tlora_config` metadata, "
-    "or a folder holding it); the T-LoRA authors' checkpoint (a checkpoint-N folder, or its "
+    "or a folder holding it); the T-LoRA authors' SD-XL checkpoint (a checkpoint-N folder, or its "
     "pytorch_lora_weights.safetensors, with keys '<module>.processor.to_q_lora.<param>' and the settings in "
-    "<run>/logs/hparams.yml)."
+    "<run>/logs/hparams.yml); the authors' FLUX checkpoint (checkpoint-N/lora.pt, or lora.safetensors as exported "
+    "here, with keys 'transformer_blocks.0.attn.processor.to_q_lora.down.weight', settings in <run>/logs/hparams.yml)."
 )
 
 
@@ -127,21 +145,22 @@ def _checkpoint_sort_key(folder: Path):
 def locate_official_weights(path: str | os.PathLike) -> Path:
     """The weights file of an authors' checkpoint given as the file itself or its checkpoint-N folder."""
     path = Path(path)
-    refuse_pickle(path)
+    if path.suffix != Path(FLUX_WEIGHT_NAME).suffix:  # the authors' FLUX `.pt`, read weights-only, is the exception
+        refuse_pickle(path)
     if path.is_file():
         return path
     if not path.exists():
         raise FileNotFoundError(f"No such checkpoint file or folder: {path}")
-    weights = path / OFFICIAL_WEIGHT_NAME
-    if weights.is_file():
-        return weights
+    for name in (OFFICIAL_WEIGHT_NAME, FLUX_EXPORT_WEIGHT_NAME, FLUX_WEIGHT_NAME):
+        if (path / name).is_file():
+            return path / name
     _refuse_pickle_in(path)
     checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_checkpoint_sort_key)
     if checkpoints:
         raise TLoraFileError(
             f"{path} is a training run folder; pass one of its checkpoints: {', '.join(p.name for p in checkpoints)}."
         )
-    raise TLoraFileError(f"{path} holds no {OFFICIAL_WEIGHT_NAME}. {KNOWN_LAYOUTS}")
+    raise TLoraFileError(f"{path} holds no {OFFICIAL_WEIGHT_NAME} or {FLUX_WEIGHT_NAME}. {KNOWN_LAYOUTS}")
 
 
 def _foreign_layout(path: Path, tensors: dict, metadata: dict) -> TLoraFileError:
@@ -168,32 +187,86 @@ def find_hparams(weights: Path, hparams: str | os.PathLike | None = None) -> Pat
     return candidate if candidate.is_file() else None
 
 
+def read_weights_only_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a torch pickle such as the authors' FLUX `lora.pt`, unpickled weights-only: tensors and plain
+    containers, never code. Anything needing more is refused, as is anything but a flat `{name: tensor}` dict."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise TLoraFileError(
+            f"{path} needs more than weights-only unpickling (it holds objects other than tensors), so it is not "
+            f"loaded: full unpickling can run arbitrary code. ({reason})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as error:  # torch's errors for damaged zip archives and streams
+        raise TLoraFileError(f"{path} is not a readable torch file (truncated or damaged?): {error}") from None
+    if not isinstance(data, dict):
+        raise TLoraFileError(f"{path} holds a {type(data).__name__}; the authors' checkpoints are dicts of tensors.")
+    wrong = [repr(key) for key, value in data.items() if not isinstance(key, str) or not torch.is_tensor(value)]
+    if wrong:
+        raise TLoraFileError(
+            f"{path}: entries {', '.join(wrong[:5])} are not named tensors; the authors' checkpoints hold only tensors."
+        )
+    return data
+
+
+def read_official_weights(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of an authors' weights file in either format."""
+    if weights.suffix == Path(FLUX_WEIGHT_NAME).suffix:
+        return read_weights_only_pickle(weights), {}
+    return read_safetensors(weights)
+
+
 @dataclass
 class OfficialCheckpoint:
     """An authors' checkpoint translated to our tensor names, with the settings found for it."""
 
     weights: Path
+    family: ModelFamily
     variant: str
     state_dict: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, int, int]]
     settings: ScheduleSettings
     hparams: Path | None
+    notes: list[str] = field(default_factory=list)
+
+    def resolve_config(self) -> tuple[TLoraConfig, list[str]]:
+        """The adapter's config and what was inferred, by the rules of the checkpoint's family."""
+        if self.family is FLUX:
+            hparams = str(self.hparams) if self.hparams else "no hparams.yml was found and the command line"
+            config, notes = resolve_flux_config(self.shapes, self.settings, hparams)
+        else:
+            config, notes = resolve_config(self.variant, self.shapes, self.settings)
+        return config, [*self.notes, *notes]
+
+    def describe_source(self) -> str:
+        return f"settings read from {self.hparams}" if self.hparams else "no hparams.yml found"
 
 
 def read_official_checkpoint(
     path: str | os.PathLike, hparams: str | os.PathLike | None = None, overrides: dict | None = None
 ) -> OfficialCheckpoint:
     weights = locate_official_weights(path)
-    tensors, metadata = read_safetensors(weights)
-    if not tensors or not all(is_official_key(key) for key in tensors):
+    tensors, metadata = read_official_weights(weights)
+    notes = []
+    if tensors and is_flux_checkpoint(tensors):
+        family, variant = FLUX, "vanilla"
+        state_dict, unused = flux_official_to_tlora_state_dict(tensors)
+        if unused:
+            notes.append(f"{unused} single-stream-block adapters that the authors' processors never apply left out")
+        read_settings = flux_settings_from_hparams
+    elif tensors and all(is_official_key(key) for key in tensors):
+        family, read_settings = SDXL, settings_from_hparams
+        variant, state_dict = official_to_tlora_state_dict(tensors)
+    else:
         raise _foreign_layout(weights, tensors, metadata)
-    variant, state_dict = official_to_tlora_state_dict(tensors)
     hparams_path = find_hparams(weights, hparams)
     settings = ScheduleSettings()
     if hparams_path is not None:
-        settings = settings_from_hparams(parse_hparams(hparams_path.read_text(), str(hparams_path)), str(hparams_path))
+        settings = read_settings(parse_hparams(hparams_path.read_text(), str(hparams_path)), str(hparams_path))
     settings = merge_settings(settings, overrides or {})
-    return OfficialCheckpoint(weights, variant, state_dict, module_shapes(state_dict), settings, hparams_path)
+    shapes = module_shapes(state_dict)
+    return OfficialCheckpoint(weights, family, variant, state_dict, shapes, settings, hparams_path, notes)
 
 
 def _validate(state_dict: dict[str, torch.Tensor], config: TLoraConfig) -> None:
@@ -201,7 +274,7 @@ def _validate(state_dict: dict[str, torch.Tensor], config: TLoraConfig) -> None:
     shapes = {
         path: (in_features, out_features) for path, (in_features, out_features, _) in module_shapes(state_dict).items()
     }
-    split_state_dict(state_dict, config, shapes)
+    split_state_dict(state_dict, config, shapes, family_of_config(config))
 
 
 def read_adapter(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TLoraConfig]:
@@ -249,20 +322,29 @@ def import_official(
         "base_model": base_model,
     }
     official = read_official_checkpoint(checkpoint, hparams, overrides)
-    config, notes = resolve_config(official.variant, official.shapes, official.settings)
+    config, notes = official.resolve_config()
     _validate(official.state_dict, config)
-    read_from = f"settings read from {official.hparams}" if official.hparams else "no hparams.yml found"
     save_tlora_weights(out_dir, official.state_dict, config)
-    return ConversionResult([target], config, [read_from, *notes])
+    return ConversionResult([target], config, [official.describe_source(), *notes])
 
 
 def export_official(
     source: str | os.PathLike, out_dir: str | os.PathLike, *, step: int = 0, overwrite: bool = False
 ) -> ConversionResult:
-    """Write our adapter in the authors' layout: `out_dir/checkpoint-<step>/...` and `out_dir/logs/hparams.yml`."""
+    """Write our adapter in the authors' layout of its family: `out_dir/checkpoint-<step>/<weights>` and
+    `out_dir/logs/hparams.yml`."""
     if step < 0:
         raise ValueError(f"The checkpoint step must be >= 0, got {step}.")
     state_dict, config = read_adapter(source)
+    family = family_of_config(config)
+    if family is FLUX:
+        tensors, notes = tlora_to_flux_official_state_dict(state_dict, config)
+        if config.scale != 1.0:
+            notes.append(f"adapter scale {config.scale:g} (lora_alpha / rank) folded into the up factors")
+        weights = (FLUX_EXPORT_WEIGHT_NAME, tensors)
+        return _write_official_run(Path(out_dir), step, weights, flux_hparams_for(config), config, notes, overwrite)
+    if family.denoiser_attribute != SDXL.denoiser_attribute:
+        raise TLoraFileError(f"The T-LoRA authors published no training code, so no layout, for {family.display_name}.")
     tensors = tlora_to_official_state_dict(state_dict, config)
     hparams = hparams_for(config)
     notes = [f"hparams: trainer_type {hparams['trainer_type']!r}, sig_type {hparams['sig_type']!r}"]
@@ -277,13 +359,25 @@ def export_official(
         )
     for module, projections in sorted(missing_projections(tensors).items()):
         notes.append(f"{module} has no adapter on {', '.join(projections)}; the authors' loader expects all four")
+    return _write_official_run(Path(out_dir), step, (OFFICIAL_WEIGHT_NAME, tensors), hparams, config, notes, overwrite)
+
+
+def _write_official_run(
+    out_dir: Path,
+    step: int,
+    weights: tuple[str, dict[str, torch.Tensor]],
+    hparams: dict,
+    config: TLoraConfig,
+    notes: list[str],
+    overwrite: bool,
+) -> ConversionResult:
+    """`out_dir/checkpoint-<step>/<weights name>` (safetensors, never a pickle) and `out_dir/logs/hparams.yml`."""
+    name, tensors = weights
     files = {
-        f"checkpoint-{step}/{OFFICIAL_WEIGHT_NAME}": lambda path: save_file(
-            tensors, str(path), metadata={"format": "pt"}
-        ),
+        f"checkpoint-{step}/{name}": lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
         f"{LOGS_DIR}/{HPARAMS_NAME}": lambda path: path.write_text(format_hparams(hparams)),
     }
-    outputs = _write_folder(Path(out_dir), files, overwrite)
+    outputs = _write_folder(out_dir, files, overwrite)
     return ConversionResult(outputs, config, notes)
 
 
@@ -322,7 +416,7 @@ def export_lora(
         rank = rank_at_timestep(config, timestep)
     elif rank is None:
         rank = config.rank
-    tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), lora_format)
+    tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), lora_format, family_of_config(config))
     description = describe_export(config, rank)
     record = {"description": description, "rank": rank, "timestep": timestep, "tlora_config": config.to_dict()}
     metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(record, sort_keys=True)}
@@ -335,36 +429,48 @@ def _parameter_counts(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
     return trained, sum(t.numel() for key, t in state_dict.items() if key.endswith("_base"))
 
 
-def _read_for_inspection(path: Path, hparams) -> tuple[str, dict[str, torch.Tensor], TLoraConfig | None, list[str]]:
-    """(layout name, our tensors, config or None when the schedule is unknown, notes)."""
+@dataclass
+class _Inspected:
+    layout: str
+    family: ModelFamily
+    state_dict: dict[str, torch.Tensor]
+    config: TLoraConfig | None  # None when the schedule is unknown
+    notes: list[str]
+
+
+def _read_for_inspection(path: Path, hparams) -> _Inspected:
     weights = path / WEIGHT_NAME if path.is_dir() and (path / WEIGHT_NAME).is_file() else path
-    if weights.is_file() and METADATA_KEY in read_safetensors(weights, with_tensors=False)[1]:
+    is_pickle = weights.suffix == Path(FLUX_WEIGHT_NAME).suffix
+    if weights.is_file() and not is_pickle and METADATA_KEY in read_safetensors(weights, with_tensors=False)[1]:
         state_dict, config = read_adapter(weights)
-        return "T-LoRA (this package)", state_dict, config, []
+        return _Inspected("T-LoRA (this package)", family_of_config(config), state_dict, config, [])
     official = read_official_checkpoint(path, hparams)
-    notes = [f"settings read from {official.hparams}" if official.hparams else "no hparams.yml found"]
+    layout, notes = "T-LoRA authors' checkpoint", [official.describe_source()]
     try:
-        config, inferred = resolve_config(official.variant, official.shapes, official.settings)
+        config, inferred = official.resolve_config()
     except TLoraConfigError as error:
-        return "T-LoRA authors' checkpoint", official.state_dict, None, [*notes, f"schedule unknown: {error}"]
+        return _Inspected(layout, official.family, official.state_dict, None, [*notes, f"schedule unknown: {error}"])
     _validate(official.state_dict, config)
-    return "T-LoRA authors' checkpoint", official.state_dict, config, [*notes, *inferred]
+    return _Inspected(layout, official.family, official.state_dict, config, [*notes, *inferred])
 
 
 def inspect_adapter(path: str | os.PathLike, hparams: str | os.PathLike | None = None) -> dict:
     """A summary of an adapter in either layout: settings, sizes and the rank used at a few timesteps."""
     path = Path(path)
-    layout, state_dict, config, notes = _read_for_inspection(path, hparams)
+    inspected = _read_for_inspection(path, hparams)
+    config, state_dict = inspected.config, inspected.state_dict
     shapes = module_shapes(state_dict)
     trained, frozen = _parameter_counts(state_dict)
     info = {
         "path": str(path),
-        "layout": layout,
+        "layout": inspected.layout,
+        "model_family": inspected.family.name,
+        "family": f"{inspected.family.display_name} ({inspected.family.denoiser_class})",
         "modules": len(shapes),
         "layer_ranks": sorted({rank for _, _, rank in shapes.values()}),
         "trained_parameters": trained,
         "frozen_parameters": frozen,
-        "notes": notes,
+        "notes": inspected.notes,
         "config": None if config is None else config.to_dict(),
         "ranks_at_timesteps": None,
     }
@@ -374,7 +480,7 @@ def inspect_adapter(path: str | os.PathLike, hparams: str | os.PathLike | None =
 
 
 def format_inspection(info: dict) -> str:
-    lines = [f"file: {info['path']}", f"layout: {info['layout']}"]
+    lines = [f"file: {info['path']}", f"layout: {info['layout']}", f"model family: {info['family']}"]
     config = info["config"]
     if config is not None:
         scale = "1" if config["lora_alpha"] is None else f"{config['lora_alpha'] / config['rank']:g}"

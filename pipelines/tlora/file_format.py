@@ -66,7 +66,19 @@ def adapter_state_dict(adapters: dict, variant: str) -> dict[str, torch.Tensor]:
 
 def key_prefix(config: TLoraConfig) -> str:
     """The key prefix of the adapter's denoiser; `unet.` for files from before model families."""
-    return UNET_PREFIX if config.model_family is None else get_family(config.model_family).key_prefix
+    return family_of_config(config).key_prefix
+
+
+def layer_key_parts(key: str) -> tuple[str, str]:
+    """`[unet.|transformer.]<path>.tlora.<name>` -> (path, name); the denoiser prefix is optional."""
+    prefix = next((prefix for prefix in KEY_PREFIXES if key.startswith(prefix)), "")
+    path, _, name = key[len(prefix) :].rpartition(KEY_INFIX)
+    return path, name
+
+
+def family_of_config(config: TLoraConfig) -> ModelFamily:
+    """The adapter's family; SD-XL for files from before model families (whose prefix is `unet.`)."""
+    return SDXL if config.model_family is None else get_family(config.model_family)
 
 
 def _other_prefix(key: str, prefix: str) -> str | None:

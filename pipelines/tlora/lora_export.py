@@ -10,11 +10,12 @@ The result equals the T-LoRA exactly at the timesteps whose scheduled rank is `k
 the others: what is lost is the timestep dependence itself.
 
 Two key layouts:
-- "diffusers": PEFT keys `unet.<module path>.lora_A.weight` / `.lora_B.weight`, as written by
-  `StableDiffusionXLPipeline.save_lora_weights`; no alphas, so diffusers uses scale 1.
+- "diffusers": PEFT keys `<denoiser>.<module path>.lora_A.weight` / `.lora_B.weight` (`unet.` or `transformer.`,
+  see `families.py`), as written by `StableDiffusionXLPipeline.save_lora_weights` or
+  `FluxPipeline.save_lora_weights`; no alphas, so diffusers uses scale 1.
 - "kohya": `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha` (alpha = rank, scale 1) with the
   module names kohya's sd-scripts give SD-XL, those of the original (SGM) UNet (`input_blocks_4_1_...`), as in
-  kohya-trained SD-XL LoRAs; diffusers' `load_lora_weights` maps them back to its own module paths.
+  kohya-trained SD-XL LoRAs; diffusers' `load_lora_weights` maps them back to its own module paths. SD-XL only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import re
 import torch
 
 from .config import TLoraConfig
-from .file_format import KEY_INFIX, UNET_PREFIX, TLoraFileError
+from .families import SDXL, ModelFamily
+from .file_format import TLoraFileError, layer_key_parts
 from .schedule import rank_schedule
 
 FORMATS = ("diffusers", "kohya")
@@ -57,7 +59,7 @@ def exact_timesteps(config: TLoraConfig, rank: int) -> tuple[int, int] | None:
 def _group(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        path, _, name = key.removeprefix(UNET_PREFIX).rpartition(KEY_INFIX)
+        path, name = layer_key_parts(key)
         grouped.setdefault(path, {})[name] = tensor
     return grouped
 
@@ -91,11 +93,12 @@ def freeze_tlora(
     }
 
 
-def peft_state_dict(frozen: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def peft_state_dict(frozen: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str) -> dict[str, torch.Tensor]:
+    """diffusers' LoRA keys: `<denoiser attribute>.<module path>.lora_A.weight` / `.lora_B.weight`."""
     tensors = {}
     for path, (down, up) in frozen.items():
-        tensors[f"{UNET_PREFIX}{path}.lora_A.weight"] = down
-        tensors[f"{UNET_PREFIX}{path}.lora_B.weight"] = up
+        tensors[f"{prefix}{path}.lora_A.weight"] = down
+        tensors[f"{prefix}{path}.lora_B.weight"] = up
     return tensors
 
 
@@ -129,10 +132,17 @@ def kohya_state_dict(frozen: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> di
     return tensors
 
 
-def lora_state_dict(frozen: dict[str, tuple[torch.Tensor, torch.Tensor]], lora_format: str) -> dict[str, torch.Tensor]:
+def lora_state_dict(
+    frozen: dict[str, tuple[torch.Tensor, torch.Tensor]], lora_format: str, family: ModelFamily = SDXL
+) -> dict[str, torch.Tensor]:
     if lora_format == "diffusers":
-        return peft_state_dict(frozen)
+        return peft_state_dict(frozen, family.key_prefix)
     if lora_format == "kohya":
+        if family.name != SDXL.name:
+            raise TLoraFileError(
+                f"The kohya layout here names SD-XL UNet modules; this adapter is for {family.display_name}. Export "
+                "it with --format diffusers."
+            )
         return kohya_state_dict(frozen)
     raise ValueError(f"Unknown LoRA format {lora_format!r}; choose one of {', '.join(FORMATS)}.")
 

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from .config import DEFAULT_TARGET_MODULES, TLoraConfig, TLoraConfigError
-from .file_format import KEY_INFIX, UNET_PREFIX, TLoraFileError
+from .file_format import KEY_INFIX, TLoraFileError, layer_key_parts
 
 OFFICIAL_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 HPARAMS_NAME = "hparams.yml"
@@ -123,7 +123,7 @@ def tlora_to_official_state_dict(state_dict: dict[str, torch.Tensor], config: TL
     their_projection = {ours: theirs for theirs, ours in PROJECTIONS.items()}
     converted = {}
     for key, tensor in state_dict.items():
-        path, _, name = key.removeprefix(UNET_PREFIX).rpartition(KEY_INFIX)
+        path, name = layer_key_parts(key)
         module, _, projection = path.rpartition(".to_")
         projection = "to_" + projection
         if not module or projection not in their_projection:
@@ -245,8 +245,7 @@ def module_shapes(tlora_state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[
     """`{module path: (in_features, out_features, rank)}` read from the down and up factors."""
     downs, ups = {}, {}
     for key, tensor in tlora_state_dict.items():
-        body = key.removeprefix(UNET_PREFIX)
-        path, _, name = body.rpartition(KEY_INFIX)
+        path, name = layer_key_parts(key)
         if name == "down":
             downs[path] = tensor
         elif name == "up":
@@ -276,9 +275,10 @@ def _check_rank(rank: int, shapes: dict[str, tuple[int, int, int]], rank_source:
             )
 
 
-def target_modules_of(paths) -> list[str]:
+def target_modules_of(paths, candidates=DEFAULT_TARGET_MODULES) -> list[str]:
+    """The family's target projections (`candidates`) that some module of `paths` is."""
     paths = list(paths)
-    return [name for name in DEFAULT_TARGET_MODULES if any(path.endswith("." + name) for path in paths)]
+    return [name for name in candidates if any(path.endswith("." + name) for path in paths)]
 
 
 def resolve_config(
