@@ -36,11 +36,12 @@ from .file_format import (
     family_of_config,
     read_safetensors,
     refuse_pickle,
+    save_tlora_file,
     split_state_dict,
     write_atomically,
 )
 from .families import FLUX, SDXL, ModelFamily
-from .loader import save_tlora_weights, tlora_state_dict
+from .loader import tlora_state_dict
 from .lora_export import FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
 from .official_flux import (
     FLUX_EXPORT_WEIGHT_NAME,
@@ -198,14 +199,15 @@ def read_weights_only_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"{path} needs more than weights-only unpickling (it holds objects other than tensors), so it is not "
             f"loaded: full unpickling can run arbitrary code. ({reason})"
         ) from None
-    except (RuntimeError, EOFError, ValueError) as error:  # torch's errors for damaged zip archives and streams
+    except (RuntimeError, EOFError, ValueError, OSError) as error:  # torch's errors for damaged archives and streams
         raise TLoraFileError(f"{path} is not a readable torch file (truncated or damaged?): {error}") from None
     if not isinstance(data, dict):
         raise TLoraFileError(f"{path} holds a {type(data).__name__}; the authors' checkpoints are dicts of tensors.")
     wrong = [repr(key) for key, value in data.items() if not isinstance(key, str) or not torch.is_tensor(value)]
     if wrong:
         raise TLoraFileError(
-            f"{path}: entries {', '.join(wrong[:5])} are not named tensors; the authors' checkpoints hold only tensors."
+            f"{path}: entries {', '.join(wrong[:5])} are not named tensors; the authors' checkpoints hold only "
+            "tensors."
         )
     return data
 
@@ -324,7 +326,7 @@ def import_official(
     official = read_official_checkpoint(checkpoint, hparams, overrides)
     config, notes = official.resolve_config()
     _validate(official.state_dict, config)
-    save_tlora_weights(out_dir, official.state_dict, config)
+    save_tlora_file(official.state_dict, config, target)
     return ConversionResult([target], config, [official.describe_source(), *notes])
 
 
@@ -344,7 +346,7 @@ def export_official(
         weights = (FLUX_EXPORT_WEIGHT_NAME, tensors)
         return _write_official_run(Path(out_dir), step, weights, flux_hparams_for(config), config, notes, overwrite)
     if family.denoiser_attribute != SDXL.denoiser_attribute:
-        raise TLoraFileError(f"The T-LoRA authors published no training code, so no layout, for {family.display_name}.")
+        raise TLoraFileError(f"The T-LoRA authors published no checkpoint layout for {family.display_name}.")
     tensors = tlora_to_official_state_dict(state_dict, config)
     hparams = hparams_for(config)
     notes = [f"hparams: trainer_type {hparams['trainer_type']!r}, sig_type {hparams['sig_type']!r}"]

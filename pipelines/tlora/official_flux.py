@@ -61,7 +61,9 @@ _KEY_PATTERN = re.compile(
     r"(?P<projection>to_q|to_k|to_v|to_out|to_q_proj|to_k_proj|to_v_proj)_lora\.(?P<param>down\.weight|up\.weight)$"
 )
 _BLOCK_PROCESSOR = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn\.processor\.")
-_OUR_MODULE = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<index>\d+)\.attn\.(?P<name>.+)$")
+_OUR_MODULE = re.compile(
+    r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<index>\d+)\.attn\.(?P<name>.+)$"
+)
 KEY_FORM = (
     "'<transformer_blocks.i|single_transformer_blocks.j>.attn.processor."
     "<to_q|to_k|to_v|to_out|to_q_proj|to_k_proj|to_v_proj>_lora.<down|up>.weight'"
@@ -106,8 +108,8 @@ def tlora_to_flux_official_state_dict(
     """
     if config.variant != "vanilla":
         raise TLoraFileError(
-            f"The authors' FLUX code has plain LoRA factors only (Vanilla T-LoRA); this adapter is {config.variant!r}. "
-            "Export it as a standard LoRA with export-lora instead."
+            "The authors' FLUX code has plain LoRA factors only (Vanilla T-LoRA); this adapter is "
+            f"{config.variant!r}. Export it as a standard LoRA with export-lora instead."
         )
     their_projection = {ours: theirs for theirs, ours in PROJECTIONS.items()}
     converted, blocks = {}, {kind: -1 for kind in BLOCK_KINDS}
@@ -136,16 +138,18 @@ def tlora_to_flux_official_state_dict(
             f"factors differ: {sorted(shape for shape, _ in shapes)}."
         )
     ((rank, hidden), dtype) = shapes.pop()
-    zeros = {"down.weight": torch.zeros(rank, hidden, dtype=dtype), "up.weight": torch.zeros(hidden, rank, dtype=dtype)}
+    zero_shapes = {"down.weight": (rank, hidden), "up.weight": (hidden, rank)}
     complete, filled = {}, 0
     for kind, last in blocks.items():
         for index in range(last + 1):
             for projection in PROJECTIONS:
-                keys = {parameter: _their_key(kind, index, projection, parameter) for parameter in zeros}
+                keys = {parameter: _their_key(kind, index, projection, parameter) for parameter in zero_shapes}
                 used = kind == "transformer_blocks" or projection in SINGLE_BLOCK_PROJECTIONS
                 filled += used and keys["up.weight"] not in converted
                 for parameter, key in keys.items():
-                    complete[key] = converted.get(key, zeros[parameter])
+                    # a tensor of its own each: safetensors refuses to write tensors that share memory
+                    zero = torch.zeros(zero_shapes[parameter], dtype=dtype)
+                    complete[key] = converted.get(key, zero)
     notes = [
         f"{blocks['transformer_blocks'] + 1} double-stream and {blocks['single_transformer_blocks'] + 1} "
         f"single-stream blocks, {len(complete)} tensors; the single-stream blocks' to_out and *_proj adapters, "
