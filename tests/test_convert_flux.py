@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import pipelines.tlora as tl
 from tests.test_convert import assert_refused, run_cli
-from tests.tlora_testing import perturb_adapters
+from tests.tlora_testing import add_random_tlora, flux_inputs
 
 RANK, MIN_RANK = 8, 3
 BASE_MODEL = "black-forest-labs/FLUX.1-dev"
@@ -118,20 +118,6 @@ def write_authors_run(run: Path, tensors, hparams: dict | None, step: int = 500)
 
 def authors_rank(t: float, rank: int = RANK, min_rank: int = MIN_RANK) -> int:
     return int((1000 - t) * (rank - min_rank) / 1000) + min_rank
-
-
-def flux_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    config, image_tokens, text_tokens = transformer.config, 16, 5
-    return {
-        "hidden_states": torch.randn((batch, image_tokens, config.in_channels), generator=generator),
-        "encoder_hidden_states": torch.randn((batch, text_tokens, config.joint_attention_dim), generator=generator),
-        "pooled_projections": torch.randn((batch, config.pooled_projection_dim), generator=generator),
-        "img_ids": torch.stack(torch.meshgrid(torch.zeros(4), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
-        .reshape(-1, 3)[:image_tokens],
-        "txt_ids": torch.zeros(text_tokens, 3),
-        "guidance": torch.full((batch,), 3.5),
-    }
 
 
 @torch.no_grad()
@@ -242,8 +228,7 @@ def test_flux_official_round_trip_is_bitwise(flux_transformer, tmp_path, capsys,
 def test_export_official_of_a_trained_flux_adapter(flux_transformer, tmp_path, capsys):
     """An adapter trained here (scale lora_alpha / R) exported for the authors' code computes the same update."""
     transformer = copy.deepcopy(flux_transformer)
-    config = tl.TLoraConfig.for_family("flux", rank=RANK, min_rank=MIN_RANK, lora_alpha=4.0, base_model=BASE_MODEL)
-    perturb_adapters(tl.inject_tlora(transformer, config, generator=torch.Generator().manual_seed(3)), seed=4)
+    config = add_random_tlora(transformer, seed=3, rank=RANK, min_rank=MIN_RANK, lora_alpha=4.0, base_model=BASE_MODEL)
     tl.save_tlora_file(tl.get_tlora_state_dict(transformer), config, tmp_path / "ours.safetensors")
 
     code, printed, err = run_cli(capsys, "export-official", tmp_path / "ours.safetensors", tmp_path / "theirs")
@@ -266,8 +251,7 @@ def test_export_official_of_a_trained_flux_adapter(flux_transformer, tmp_path, c
 
 def test_export_lora_for_flux_loads_in_the_stock_pipeline(flux_transformer, tmp_path, capsys):
     transformer = copy.deepcopy(flux_transformer)
-    config = tl.TLoraConfig.for_family("flux", rank=RANK, min_rank=MIN_RANK, lora_alpha=16.0)
-    perturb_adapters(tl.inject_tlora(transformer, config, generator=torch.Generator().manual_seed(5)), seed=6)
+    config = add_random_tlora(transformer, seed=5, rank=RANK, min_rank=MIN_RANK, lora_alpha=16.0)
     tl.save_tlora_file(tl.get_tlora_state_dict(transformer), config, tmp_path / "ours.safetensors")
     sigma = 0.5
     expected = transformer_output(transformer, sigma)

@@ -22,7 +22,6 @@ from .families import FAMILIES, SDXL, ModelFamily, get_family
 
 WEIGHT_NAME = "pytorch_tlora_weights.safetensors"
 METADATA_KEY = "tlora_config"
-UNET_PREFIX = "unet."
 KEY_PREFIXES = tuple(sorted({family.key_prefix for family in FAMILIES.values()}))
 KEY_INFIX = ".tlora."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
