@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Speed and memory of T-LoRA next to standard PEFT LoRA on an SD-XL UNet.
+"""Speed and memory of T-LoRA next to standard PEFT LoRA on an SD-XL UNet or a FLUX.1 transformer.
 
-    python scripts/benchmark.py infer [--size tiny|small|full] [--resolution PX] [--rank R] [--min-rank r]
-        [--repeats N] [--steps S] [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--threads T] [--json OUT]
-        [--dry-run]
+    python scripts/benchmark.py infer [--family sdxl|flux] [--size tiny|small|full] [--resolution PX] [--rank R]
+        [--min-rank r] [--repeats N] [--steps S] [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--threads T]
+        [--json OUT] [--dry-run]
     python scripts/benchmark.py train [the same options] [--gradient_checkpointing] [--use_8bit_adam]
         [--cli] [--cli-steps N] [--cli-repeats K]
 
@@ -12,6 +12,12 @@ the UNet batch is 2) with precomputed prompt embeddings and `output_type="latent
 encoders nor the VAE are in the time. Configurations: no adapter, Vanilla T-LoRA and T-LoRA (ortho) of rank
 R (min rank R/2), loaded with `pipe.load_tlora_weights`, and standard LoRAs of rank R and 2R on the same
 projections, loaded with `pipe.load_lora_weights`.
+
+`infer --family flux` does the same with the stock `FluxPipeline` (FlowMatch Euler with FLUX.1-dev's scheduler
+settings, guidance 3.5 as the guidance embedding, so one transformer call of batch 1 per step) for no adapter,
+Vanilla T-LoRA of rank R (the variant used for FLUX) and a standard LoRA of rank R, all on the authors' 247
+projections. Sizes: `tiny` and `small` random transformers, `full` FLUX.1-dev's architecture (11.9 B parameters;
+use it with `--dry-run` for FLOP counts).
 
 `train` times an optimizer step as the training script does it (noise a cached latent, one random timestep
 per sample, UNet forward, MSE loss, backward, AdamW step) for PEFT LoRA, Vanilla T-LoRA and T-LoRA of rank R,
@@ -64,6 +70,7 @@ from scripts.arguments import positive_int  # noqa: E402
 from scripts.make_tiny_pipeline import build_denoiser, build_scheduler, default_resolution, save_pipeline  # noqa: E402
 
 SIZES = ("tiny", "small", "full")
+FAMILIES = ("sdxl", "flux")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TARGET_MODULES = list(tl.DEFAULT_TARGET_MODULES)
 TRAIN_SCRIPT = REPO_ROOT / "train_tlora_sdxl.py"
@@ -74,6 +81,13 @@ SEED = 0
 PERTURBATION = 0.01  # scale of the random values that make loaded adapters non-zero
 MEMORY_TARGET_GB = 16.0
 MEGABYTE = 2**20
+
+# FLUX prompt length per size: FLUX.1-dev's 512 T5 tokens at full size, proportionally fewer for the smaller
+# transformers' fewer image tokens
+FLUX_TEXT_TOKENS = {"tiny": 8, "small": 64, "full": 512}
+FLUX_GUIDANCE = 3.5
+FLUX_VAE_SCALE = 8  # FLUX's VAE downsamples by 8; the transformer packs 2x2 latent patches into one token
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -86,7 +100,13 @@ class Adapter:
     variant: str | None = None
 
 
-def infer_adapters(rank: int) -> list[Adapter]:
+def infer_adapters(rank: int, family: str = "sdxl") -> list[Adapter]:
+    if family == "flux":
+        return [
+            Adapter("none", "no adapter", "none"),
+            Adapter("vanilla", f"Vanilla T-LoRA R={rank}", "tlora", rank, "vanilla"),
+            Adapter(f"lora{rank}", f"LoRA r={rank}", "lora", rank),
+        ]
     return [
         Adapter("none", "no adapter", "none"),
         Adapter("vanilla", f"Vanilla T-LoRA R={rank}", "tlora", rank, "vanilla"),
@@ -115,15 +135,26 @@ def build_base_unet(size: str, device: str, dtype: torch.dtype):
     return unet.requires_grad_(False), build_scheduler("sdxl")
 
 
-def tlora_config(adapter: Adapter, min_rank: int) -> tl.TLoraConfig:
+def build_base_flux(size: str, device: str, dtype: torch.dtype):
+    """The frozen FLUX transformer of `size` and FLUX.1-dev's scheduler, on `device` in `dtype`."""
+    transformer = build_denoiser("flux", size, device, dtype, seed=SEED)
+    return transformer.requires_grad_(False), build_scheduler("flux")
+
+
+def target_modules(family: str) -> list[str]:
+    return TARGET_MODULES if family == "sdxl" else list(tl.get_family(family).default_target_modules)
+
+
+def tlora_config(adapter: Adapter, min_rank: int, family: str = "sdxl") -> tl.TLoraConfig:
     init = "normal" if adapter.variant == "vanilla" else "random-last"
-    return tl.TLoraConfig(rank=adapter.rank, min_rank=min_rank, variant=adapter.variant, init=init)
+    settings = dict(rank=adapter.rank, min_rank=min_rank, variant=adapter.variant, init=init)
+    return tl.TLoraConfig(**settings) if family == "sdxl" else tl.TLoraConfig.for_family(family, **settings)
 
 
-def lora_config(rank: int):
+def lora_config(rank: int, family: str = "sdxl"):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_modules(family))
 
 
 def _random_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -132,14 +163,15 @@ def _random_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 def load_trained_tlora(pipe, adapter: Adapter, min_rank: int, folder: Path, generator: torch.Generator) -> None:
     """Give the pipeline a T-LoRA adapter whose update is non-zero, through a file and `load_tlora_weights`."""
-    config = tlora_config(adapter, min_rank)
-    adapters = tl.inject_tlora(pipe.unet, config, generator=generator)
+    denoiser, family = tl.denoiser_of(pipe)
+    config = tlora_config(adapter, min_rank, family.name)
+    adapters = tl.inject_tlora(denoiser, config, generator=generator)
     with torch.no_grad():
         for module in adapters.values():
             for parameter in module.parameters():
                 parameter.add_(_random_like(parameter, generator))
-    tl.save_tlora_weights(folder, tl.get_tlora_state_dict(pipe.unet), config)
-    tl.remove_tlora(pipe.unet)
+    tl.save_tlora_file(tl.get_tlora_state_dict(denoiser), config, folder / tl.WEIGHT_NAME)
+    tl.remove_tlora(denoiser)
     pipe.load_tlora_weights(folder)
 
 
@@ -147,15 +179,19 @@ def load_trained_lora(pipe, rank: int, folder: Path, generator: torch.Generator)
     """Give the pipeline a standard LoRA with a non-zero update, saved and loaded as a user would."""
     from peft.utils import get_peft_model_state_dict
 
-    pipe.unet.add_adapter(lora_config(rank))
-    metadata = pipe.unet.peft_config["default"].to_dict()
-    state_dict = get_peft_model_state_dict(pipe.unet)
+    denoiser, family = tl.denoiser_of(pipe)
+    denoiser.add_adapter(lora_config(rank, family.name))
+    metadata = denoiser.peft_config["default"].to_dict()
+    state_dict = get_peft_model_state_dict(denoiser)
     # gaussian init leaves lora_B at zero, which would make the update trivially zero
     state_dict = {
         key: _random_like(value, generator) if "lora_B" in key else value for key, value in state_dict.items()
     }
-    pipe.unet.unload_lora()
-    type(pipe).save_lora_weights(folder, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata)
+    denoiser.unload_lora()
+    layers = family.denoiser_attribute
+    type(pipe).save_lora_weights(
+        folder, **{f"{layers}_lora_layers": state_dict, f"{layers}_lora_adapter_metadata": metadata}
+    )
     pipe.load_lora_weights(folder)
 
 
@@ -302,9 +338,9 @@ def report(result: dict, table: str, args) -> dict:
 # --------------------------------------------------------------------------- dry run
 
 
-def owner_module(projection_path: str) -> str:
+def owner_module(projection_path: str, targets=TARGET_MODULES) -> str:
     """`...attn1.to_out.0` -> `...attn1`."""
-    target = next(t for t in TARGET_MODULES if projection_path.endswith("." + t))
+    target = next(t for t in targets if projection_path.endswith("." + t))
     return projection_path[: -len(target) - 1]
 
 
@@ -331,21 +367,40 @@ def step_flops(unet, resolution: int, train: bool) -> int:
     return counter.get_total_flops()
 
 
+def meta_flux(size: str):
+    """The frozen FLUX transformer of `size` on the meta device."""
+    return build_denoiser("flux", size, "meta").requires_grad_(False)
+
+
+def flux_step_flops(transformer, size: str, resolution: int) -> int:
+    """FLOPs of one FLUX denoising step (batch 1, guidance as an embedding), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = flux_inputs(transformer.config, FLUX_TEXT_TOKENS[size], resolution, "meta", torch.float32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        transformer(**inputs, timestep=torch.full((1,), 0.5, device="meta"))
+    return counter.get_total_flops()
+
+
 def dry_run(args, adapters: list[Adapter], baseline: str) -> dict:
-    """Parameters and FLOPs per step of each configuration, from the UNet on the meta device."""
-    base = meta_unet(args.size)
-    projections = tl.injection.find_target_projections(base, TARGET_MODULES)
+    """Parameters and FLOPs per step of each configuration, from the denoiser on the meta device."""
+    base = meta_flux(args.size) if args.family == "flux" else meta_unet(args.size)
+    targets = target_modules(args.family)
+    projections = tl.injection.find_target_projections(base, targets)
     base_size = sum(t.numel() for t in (*base.parameters(), *base.buffers()))
     rows = []
     for adapter in adapters:
         unet = copy.deepcopy(base)
         with torch.device("meta"):
             if adapter.kind == "tlora":
-                tl.inject_tlora(unet, tlora_config(adapter, args.min_rank), initialize=False)
+                tl.inject_tlora(unet, tlora_config(adapter, args.min_rank, args.family), initialize=False)
             elif adapter.kind == "lora":
-                unet.add_adapter(lora_config(adapter.rank))
+                unet.add_adapter(lora_config(adapter.rank, args.family))
         size = sum(t.numel() for t in (*unet.parameters(), *unet.buffers()))
-        flops = step_flops(unet, args.resolution, train=args.command == "train")
+        if args.family == "flux":
+            flops = flux_step_flops(unet, args.size, args.resolution)
+        else:
+            flops = step_flops(unet, args.resolution, train=args.command == "train")
         rows.append(
             {"name": adapter.name, "label": adapter.label, "adapter_parameters": size - base_size, "flops": flops}
         )
@@ -354,7 +409,7 @@ def dry_run(args, adapters: list[Adapter], baseline: str) -> dict:
         row["ratio"] = row["flops"] / baseline_flops
 
     unet_parameters = sum(p.numel() for p in base.parameters())
-    attention_modules = len({owner_module(path) for path in projections})
+    attention_modules = len({owner_module(path, targets) for path in projections})
     result = {
         "benchmark": args.command,
         "dry_run": True,
@@ -366,8 +421,10 @@ def dry_run(args, adapters: list[Adapter], baseline: str) -> dict:
         "targets": [],
     }
     step = "training step (batch 1)" if args.command == "train" else "guided denoising step (batch 2)"
+    if args.family == "flux":
+        step = "denoising step (batch 1, guidance embedded)"
     header = (
-        f"{args.size} UNet: {unet_parameters:,} parameters, {attention_modules} attention modules, "
+        f"{args.size} {type(base).__name__}: {unet_parameters:,} parameters, {attention_modules} attention modules, "
         f"{len(projections)} adapted projections; FLOPs of one {step} at {args.resolution} px\n"
     )
     table = format_table(
@@ -399,27 +456,69 @@ def inference_pipeline(unet, scheduler):
     return pipe
 
 
-def run_infer(args) -> dict:
-    adapters = infer_adapters(args.rank)
-    if args.dry_run:
-        return dry_run(args, adapters, baseline="none")
-    dtype = DTYPES[args.dtype]
+def flux_inputs(config, text_tokens: int, resolution: int, device: str, dtype: torch.dtype) -> dict:
+    """Random FLUX transformer inputs (all but the timestep) for one sample at `resolution` px."""
+    generator = torch.Generator().manual_seed(SEED)
+    side = resolution // (2 * FLUX_VAE_SCALE)
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    inputs = {
+        "hidden_states": torch.randn(1, side * side, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, text_tokens, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+        "img_ids": torch.stack([torch.zeros_like(rows), rows, columns], -1).reshape(-1, 3).float(),
+        "txt_ids": torch.zeros(text_tokens, 3),
+        "guidance": torch.full((1,), FLUX_GUIDANCE),
+    }
+    return {key: value.to(device=device, dtype=dtype) for key, value in inputs.items()}
+
+
+def flux_inference_pipeline(transformer, scheduler):
+    """A stock FluxPipeline around `transformer`; no text encoders or VAE (embeddings precomputed, latent
+    output)."""
+    from diffusers import FluxPipeline
+
+    absent = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+    pipe = FluxPipeline(transformer=transformer, scheduler=type(scheduler).from_config(scheduler.config), **absent)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inference_setup(args, dtype: torch.dtype):
+    """(base denoiser, a function making a stock pipeline around a copy of it, the timed call's arguments)."""
+    common = dict(num_inference_steps=args.steps, height=args.resolution, width=args.resolution, output_type="latent")
+    if args.family == "flux":
+        base, scheduler = build_base_flux(args.size, args.device, dtype)
+        inputs = flux_inputs(base.config, FLUX_TEXT_TOKENS[args.size], args.resolution, args.device, dtype)
+        call = dict(
+            prompt_embeds=inputs["encoder_hidden_states"],
+            pooled_prompt_embeds=inputs["pooled_projections"],
+            guidance_scale=FLUX_GUIDANCE,
+            **common,
+        )
+        return base, lambda: flux_inference_pipeline(copy.deepcopy(base), scheduler), call
     base, scheduler = build_base_unet(args.size, args.device, dtype)
     embeds = conditioning(base.config, 1, args.resolution, args.device, dtype)
     call = dict(
         prompt_embeds=embeds["prompt_embeds"],
         pooled_prompt_embeds=embeds["pooled_prompt_embeds"],
-        num_inference_steps=args.steps,
         guidance_scale=GUIDANCE_SCALE,
-        height=args.resolution,
-        width=args.resolution,
-        output_type="latent",
+        **common,
     )
+    return base, lambda: inference_pipeline(copy.deepcopy(base), scheduler), call
+
+
+def run_infer(args) -> dict:
+    adapters = infer_adapters(args.rank, args.family)
+    if args.dry_run:
+        return dry_run(args, adapters, baseline="none")
+    dtype = DTYPES[args.dtype]
+    base, make_pipeline, call = inference_setup(args, dtype)
+    denoiser_name = type(base).__name__
 
     runners = {}
     with tempfile.TemporaryDirectory() as tmp:
         for adapter in adapters:
-            pipe = inference_pipeline(copy.deepcopy(base), scheduler)
+            pipe = make_pipeline()
             attach_for_inference(pipe, adapter, args.min_rank, Path(tmp) / adapter.name)
 
             def run(pipe=pipe):
@@ -433,15 +532,19 @@ def run_infer(args) -> dict:
     rank, double = args.rank, 2 * args.rank
     targets = [
         ratio_target(rows, "Vanilla T-LoRA no slower than LoRA of the same rank", "vanilla", f"lora{rank}", 1.0),
-        ratio_target(rows, "T-LoRA (ortho) no slower than LoRA of twice the rank", "ortho", f"lora{double}", 1.0),
     ]
-    if args.size == "full":
+    if args.family == "sdxl":
+        targets.append(
+            ratio_target(rows, "T-LoRA (ortho) no slower than LoRA of twice the rank", "ortho", f"lora{double}", 1.0)
+        )
+    if args.size == "full" and args.family == "sdxl":
         targets.append(ratio_target(rows, "T-LoRA (ortho) costs at most 1.10x no adapter", "ortho", "none", 1.10))
     result = {
         "benchmark": "infer",
         "settings": settings(args),
         "environment": environment(args.device),
-        "unit": "seconds per denoising step (UNet batch 2: classifier-free guidance)",
+        "unit": "seconds per denoising step "
+        + ("(transformer batch 1, guidance embedded)" if args.family == "flux" else "(UNet batch 2: classifier-free guidance)"),
         "results": rows,
         "targets": targets,
     }
@@ -450,8 +553,8 @@ def run_infer(args) -> dict:
         [[r["label"], f"{1000 * r['median_s']:.1f}", f"{r['ratio']:.3f}", len(r["samples_s"])] for r in rows],
     )
     header = (
-        f"infer: {args.size} UNet, {args.resolution} px, {args.steps} Euler steps, {args.dtype} on "
-        f"{args.device}, min rank {args.min_rank}\n"
+        f"infer: {args.size} {denoiser_name}, {args.resolution} px, {args.steps} Euler steps, {args.dtype} "
+        f"on {args.device}, min rank {args.min_rank}\n"
     )
     return report(result, header + table, args)
 
@@ -729,6 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--family", choices=FAMILIES, default="sdxl", help="sdxl or flux (default sdxl)")
     common.add_argument("--size", choices=SIZES, default="small", help="tiny, small or full (default small)")
     common.add_argument("--resolution", type=positive_int, help="px (default: the size's own: 64, 256 or 1024)")
     common.add_argument("--rank", type=positive_int, default=64, help="T-LoRA max rank R and LoRA rank (default 64)")
@@ -774,8 +878,12 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         args.min_rank = max(1, args.rank // 2)
     if args.min_rank > args.rank:
         parser.error(f"--min-rank ({args.min_rank}) must not exceed --rank ({args.rank})")
+    if args.family == "flux" and args.command != "infer":
+        parser.error("--family flux: only `infer` has FLUX configurations; `train` benchmarks the SD-XL trainer")
     if args.resolution is None:
-        args.resolution = default_resolution("sdxl", args.size)
+        args.resolution = default_resolution(args.family, args.size)
+    if args.family == "flux" and args.resolution % (2 * FLUX_VAE_SCALE):
+        parser.error(f"--resolution must be a multiple of 16 for FLUX (VAE and 2x2 packing), got {args.resolution}")
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8 (the VAE's downsampling), got {args.resolution}")
     if getattr(args, "use_8bit_adam", False) and not args.dry_run and importlib.util.find_spec("bitsandbytes") is None:
