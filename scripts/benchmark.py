@@ -544,7 +544,11 @@ def run_infer(args) -> dict:
         "settings": settings(args),
         "environment": environment(args.device),
         "unit": "seconds per denoising step "
-        + ("(transformer batch 1, guidance embedded)" if args.family == "flux" else "(UNet batch 2: classifier-free guidance)"),
+        + (
+            "(transformer batch 1, guidance embedded)"
+            if args.family == "flux"
+            else "(UNet batch 2: classifier-free guidance)"
+        ),
         "results": rows,
         "targets": targets,
     }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Measure concept fidelity and text alignment of SD-XL adapters on one concept, side by side.
+"""Measure concept fidelity and text alignment of adapters on one concept, side by side (SD-XL, FLUX.1, ...).
 
 For every adapter (T-LoRA, standard LoRA, or the base model itself) the script generates the paper's
 evaluation images with the same seeds, scores them and writes:
@@ -17,6 +17,11 @@ Metrics (higher is better; cosine similarities in [-1, 1]):
     TS       CLIP text-image cosine similarity of each prompt image with its prompt, the concept phrase
              replaced by the class word ("a red sks dog" is scored against "a red dog"); mean over images.
              TS_contextual and TS_complex restrict it to the contextual and the complex prompts.
+
+The base model's family (see `pipelines/tlora/families.py`) comes from its `model_index.json`: the pipeline class
+diffusers builds from it is the one that generates. Sampling settings not given default to the family's usual ones:
+the T-LoRA authors' 25 steps, guidance 5.0 for SD-XL and 28 steps, guidance 3.5 (the guidance embedding) for
+FLUX.1-dev, at 1024 px.
 
 Example:
 
@@ -48,7 +53,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import pipelines.tlora as tl  # noqa: E402  (also gives the SD-XL pipelines load_tlora_weights)
+import pipelines.tlora as tl  # noqa: E402  (also gives the supported pipelines load_tlora_weights)
 from scripts.arguments import positive_int  # noqa: E402
 from pipelines.tlora.file_format import METADATA_KEY, read_safetensors, write_atomically  # noqa: E402
 from training.errors import InputError  # noqa: E402
@@ -74,6 +79,13 @@ SHEET_MIN_WIDTH = 320
 SETTINGS_FILE = "generation.json"
 METRIC_KEYS = ("IS", "DINO_IS", "TS", "TS_contextual", "TS_complex")
 METRIC_HEADERS = ("IS", "DINO-IS", "TS", "TS contextual", "TS complex")
+
+
+# (steps, guidance, resolution) per model family when the user gives none: the T-LoRA authors' sampling for SD-XL
+# and FLUX.1-dev, the diffusers pipelines' defaults for SD 1.x and SD3.
+SAMPLING_DEFAULTS = {"sdxl": (25, 5.0, 1024), "flux": (28, 3.5, 1024), "sd": (50, 7.5, 512), "sd3": (28, 7.0, 1024)}
+# FLUX packs 2x2 patches of the VAE's 8x-downsampled latents into one token
+RESOLUTION_MULTIPLE = {"flux": 16}
 
 
 class EvaluationError(Exception):
@@ -469,14 +481,49 @@ def generate_missing(pipe, adapter_dir: Path, missing, args) -> None:
                 progress.update(len(batch))
 
 
+def base_model_family(name: str) -> tl.ModelFamily:
+    """The model family of a base model, from the pipeline class its `model_index.json` names."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        class_name = DiffusionPipeline.load_config(name).get("_class_name")
+    except (OSError, ValueError) as error:
+        raise EvaluationError(
+            f"cannot load the base model {name!r} (--pretrained_model_name_or_path): {_first_lines(error, 1)}"
+        ) from None
+    for family in tl.FAMILIES.values():
+        if class_name in family.pipeline_classes:
+            return family
+    supported = ", ".join(f"{family.display_name} ({family.pipeline_classes[0]})" for family in tl.FAMILIES.values())
+    raise EvaluationError(
+        f"the base model {name!r} is a {class_name}, which T-LoRA does not adapt; supported: {supported}"
+    )
+
+
+def resolve_sampling(args) -> None:
+    """The base model's family and the sampling settings the user left to it."""
+    family = base_model_family(args.pretrained_model_name_or_path)
+    steps, guidance, resolution = SAMPLING_DEFAULTS[family.name]
+    args.model_family = family.name
+    args.num_inference_steps = args.num_inference_steps or steps
+    args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
+    args.resolution = args.resolution or resolution
+    multiple = RESOLUTION_MULTIPLE.get(family.name, 8)
+    if args.resolution % multiple:
+        raise EvaluationError(
+            f"--resolution must be a multiple of {multiple} for {family.display_name}, got {args.resolution}"
+        )
+
+
 def load_pipeline(args):
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
     try:
         with warnings.catch_warnings():
             # Newer diffusers renamed torch_dtype to dtype; the old name works in every supported version.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = StableDiffusionXLPipeline.from_pretrained(
+            # the class named in model_index.json: StableDiffusionXLPipeline, FluxPipeline, ...
+            pipe = DiffusionPipeline.from_pretrained(
                 args.pretrained_model_name_or_path, torch_dtype=getattr(torch, args.dtype)
             )
     except (OSError, ValueError) as error:
@@ -679,7 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate evaluation images for SD-XL adapters and score concept fidelity (IS, DINO-IS) "
         "and text alignment (TS) as in the T-LoRA paper.",
     )
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="SD-XL base model (Hub id or folder)")
+    parser.add_argument(
+        "--pretrained_model_name_or_path", required=True, help="base model, SD-XL or FLUX.1 (Hub id or folder)"
+    )
     parser.add_argument(
         "--adapter",
         action="append",
@@ -716,9 +765,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="images of the base prompt, scored by IS and DINO-IS (default and paper: 15)",
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it (default 0)")
-    parser.add_argument("--num_inference_steps", type=positive_int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance (default 5.0)")
-    parser.add_argument("--resolution", type=positive_int, default=1024, help="image width and height (default 1024)")
+    parser.add_argument(
+        "--num_inference_steps", type=positive_int, help="denoising steps (default: SD-XL 25, FLUX.1 28)"
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        help="classifier-free guidance; FLUX.1-dev: the guidance embedding (default: SD-XL 5.0, FLUX.1 3.5)",
+    )
+    parser.add_argument("--resolution", type=positive_int, help="image width and height (default 1024)")
     parser.add_argument("--batch_size", type=positive_int, default=1, help="images per pipeline call (default 1)")
     parser.add_argument("--output_dir", required=True, help="where images, metrics and contact sheets go")
     parser.add_argument(
@@ -746,8 +801,6 @@ def resolve_args(args) -> None:
         if len(words) < 2:
             raise EvaluationError(f"--concept {args.concept!r} is one word; give the class word with --class_word")
         args.class_word = words[-1]
-    if args.resolution % 8:
-        raise EvaluationError(f"--resolution must be a multiple of 8, got {args.resolution}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(args.device)
@@ -766,6 +819,7 @@ def run(args) -> dict:
     plan = plan_prompts(prompt_set, args.images_per_prompt, args.base_prompt_images, args.max_prompts)
     real_images = load_real_images(args.real_images, args.masks)
     adapters = parse_adapters(args.adapter)
+    resolve_sampling(args)
     # Loaded before generating, so a wrong --clip_model / --dino_model fails in seconds, not hours.
     clip, dino = load_embedders(args)
     output_dir = Path(args.output_dir)
@@ -799,8 +853,8 @@ def run(args) -> dict:
     settings = {
         key: getattr(args, key)
         for key in (
-            "pretrained_model_name_or_path", "concept", "class_word", "images_per_prompt", "base_prompt_images",
-            "max_prompts", "seed", "num_inference_steps", "guidance_scale", "resolution", "dtype", "device",
+            "pretrained_model_name_or_path", "model_family", "concept", "class_word", "images_per_prompt",
+            "base_prompt_images", "max_prompts", "seed", "num_inference_steps", "guidance_scale", "resolution", "dtype", "device",
             "clip_model", "dino_model", "masks",
         )
     }  # fmt: skip
