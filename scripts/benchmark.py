@@ -376,9 +376,18 @@ def flux_step_flops(transformer, size: str, resolution: int) -> int:
     """FLOPs of one FLUX denoising step (batch 1, guidance as an embedding), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    def timestep_to_meta(module, args, kwargs):
+        return args, {**kwargs, "timestep": kwargs["timestep"].to("meta")}
+
     inputs = flux_inputs(transformer.config, FLUX_TEXT_TOKENS[size], resolution, "meta", torch.float32)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        transformer(**inputs, timestep=torch.full((1,), 0.5, device="meta"))
+    # The timestep starts on the host, as a CPU pipeline passes it, so that T-LoRA's router (an earlier hook) picks
+    # one rank for the call and skips the inactive components; the meta transformer then needs it on meta.
+    hook = transformer.register_forward_pre_hook(timestep_to_meta, with_kwargs=True)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            transformer(**inputs, timestep=torch.full((1,), 0.5))
+    finally:
+        hook.remove()
     return counter.get_total_flops()
 
 

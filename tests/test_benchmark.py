@@ -180,3 +180,71 @@ def test_settings_that_cannot_run_are_refused(argv, message, capsys):
         benchmark.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- FLUX
+
+
+@pytest.mark.parametrize("adapter", benchmark.infer_adapters(RANK, "flux")[1:], ids=lambda adapter: adapter.name)
+def test_loaded_flux_adapters_change_the_transformer_output(tmp_path, adapter):
+    from tests.tlora_testing import flux_inputs
+
+    transformer, scheduler = benchmark.build_base_flux("tiny", "cpu", torch.float32)
+    inputs = flux_inputs(transformer, batch=1)
+    with torch.no_grad():
+        before = transformer(**inputs, timestep=torch.full((1,), 0.5)).sample
+        pipe = benchmark.flux_inference_pipeline(transformer, scheduler)
+        benchmark.attach_for_inference(pipe, adapter, RANK // 2, tmp_path)
+        after = transformer(**inputs, timestep=torch.full((1,), 0.5)).sample
+
+    assert (after - before).abs().max() > 1e-4
+    family_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
+    assert benchmark.target_modules("flux") == family_targets
+    projections = tl.injection.find_target_projections(transformer, family_targets)
+    if adapter.kind == "tlora":
+        config = tl.get_tlora_config(transformer)
+        assert (config.model_family, config.variant) == ("flux", "vanilla")
+        assert sorted(tl.get_tlora_adapters(transformer)) == sorted(projections)
+    else:
+        lora_modules = [name for name, module in transformer.named_modules() if hasattr(module, "lora_A")]
+        assert sorted(lora_modules) == sorted(projections)  # the same projections as the T-LoRA
+
+
+def test_infer_flux_rows_and_target(tmp_path, capsys):
+    out = tmp_path / "flux.json"
+    argv = ["infer", "--family", "flux", "--size", "tiny", "--rank", str(RANK), "--repeats", "1", "--steps", "2"]
+    assert benchmark.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    assert result["settings"]["family"] == "flux" and result["settings"]["resolution"] == 64
+    assert_rows(result, ["none", "vanilla", f"lora{RANK}"], baseline="none")
+    assert "tiny FluxTransformer2DModel" in printed
+    assert_targets_printed(result, printed, [f"Vanilla T-LoRA R={RANK} / LoRA r={RANK}"])
+
+
+def test_flux_full_size_is_flux_dev_and_its_flops_count(tmp_path):
+    transformer = benchmark.meta_flux("full")
+    projections = tl.injection.find_target_projections(transformer, benchmark.target_modules("flux"))
+    assert sum(p.numel() for p in transformer.parameters()) == 11_901_408_320
+    assert len(projections) == 247
+
+    out = tmp_path / "flux-dry.json"
+    benchmark.main(["infer", "--family", "flux", "--size", "tiny", "--rank", str(RANK), "--dry-run", "--json", str(out)])
+    rows = {row["name"]: row for row in json.loads(out.read_text())["results"]}
+    assert rows["vanilla"]["adapter_parameters"] == rows[f"lora{RANK}"]["adapter_parameters"] > 0
+    # at sigma 0.5 (t = 500) only 3/4 of the components are active, and T-LoRA skips the others
+    assert rows["none"]["flops"] < rows["vanilla"]["flops"] < rows[f"lora{RANK}"]["flops"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--family", "flux", "--size", "tiny"], "only `infer` has FLUX configurations"),
+        (["infer", "--family", "flux", "--size", "tiny", "--resolution", "72"], "multiple of 16 for FLUX"),
+    ],
+)
+def test_flux_settings_that_cannot_run_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(argv)
+    assert message in capsys.readouterr().err
