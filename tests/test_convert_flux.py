@@ -1,7 +1,7 @@
 """Conversion of FLUX.1 adapters: the T-LoRA authors' FLUX checkpoints (`lora.pt` + `hparams.yml`), standard
 diffusers FLUX LoRAs and `inspect`.
 
-The authors' checkpoints are built here from their documented layout for every block of a tiny FLUX transformer:
+The authors' checkpoints are built here from their documented layout for every block of the tiny FLUX fixture:
 14 tensors per block, the single-stream blocks' four never-applied adapters with `up = 0`, saved with `torch.save`
 as their trainer does. The reference for the imported adapters is their forward math written out below: each
 adapted projection's weight plus `up[:, :r] @ down[:r]`, with r = floor((T - t) (R - r_min) / T) + r_min for the
@@ -39,35 +39,12 @@ SINGLE_BLOCK_APPLIED = ("to_q", "to_k", "to_v")
 SIGMAS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
-def make_flux_transformer(seed: int = 0):
+@pytest.fixture(scope="module")
+def flux_transformer(tiny_flux_dir):
+    """The tiny FLUX fixture's transformer, never modified: tests adapt copies or a fresh `tiny_flux_pipe`."""
     from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-
-
-def make_flux_pipe(transformer):
-    """A FluxPipeline around the transformer; the text encoders and VAE are not needed to call the transformer."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer, **dict.fromkeys(parts))
-
-
-@pytest.fixture(scope="module")
-def flux_transformer():
-    return make_flux_transformer()
+    return FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer").eval()
 
 
 def blocks(transformer) -> list[tuple[str, int]]:
@@ -154,7 +131,7 @@ def import_run(tmp_path, capsys, tensors, hparams, name="run") -> Path:
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["tlora", "unmasked"])
-def test_import_reproduces_the_authors_flux_forward(flux_transformer, tmp_path, capsys, masked):
+def test_import_reproduces_the_authors_flux_forward(flux_transformer, tiny_flux_pipe, tmp_path, capsys, masked):
     tensors = authors_tensors(flux_transformer)
     checkpoint = write_authors_run(tmp_path / "run", tensors, authors_hparams(tlora=masked))
     code, printed, err = run_cli(capsys, "import-official", checkpoint, tmp_path / "ours")
@@ -177,9 +154,8 @@ def test_import_reproduces_the_authors_flux_forward(flux_transformer, tmp_path, 
     adapted = 7 * len(flux_transformer.transformer_blocks) + 3 * single_blocks
     assert len(state_dict) == 2 * adapted
 
-    transformer = copy.deepcopy(flux_transformer)
-    pipe = make_flux_pipe(transformer)
-    pipe.load_tlora_weights(tmp_path / "ours")
+    transformer = tiny_flux_pipe.transformer
+    tiny_flux_pipe.load_tlora_weights(tmp_path / "ours")
     assert len(tl.get_tlora_adapters(transformer)) == adapted
     outputs = {}
     for sigma in SIGMAS:
@@ -249,7 +225,7 @@ def test_export_official_of_a_trained_flux_adapter(flux_transformer, tmp_path, c
 # export-lora, inspect
 
 
-def test_export_lora_for_flux_loads_in_the_stock_pipeline(flux_transformer, tmp_path, capsys):
+def test_export_lora_for_flux_loads_in_the_stock_pipeline(flux_transformer, tiny_flux_pipe, tmp_path, capsys):
     transformer = copy.deepcopy(flux_transformer)
     config = add_random_tlora(transformer, seed=5, rank=RANK, min_rank=MIN_RANK, lora_alpha=16.0)
     tl.save_tlora_file(tl.get_tlora_state_dict(transformer), config, tmp_path / "ours.safetensors")
@@ -264,9 +240,8 @@ def test_export_lora_for_flux_loads_in_the_stock_pipeline(flux_transformer, tmp_
     assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight" in keys
     assert all(key.startswith("transformer.") for key in keys)
 
-    base = copy.deepcopy(flux_transformer)
-    pipe = make_flux_pipe(base)
-    pipe.load_lora_weights(tmp_path / "lora")
+    base = tiny_flux_pipe.transformer
+    tiny_flux_pipe.load_lora_weights(tmp_path / "lora")
     torch.testing.assert_close(transformer_output(base, sigma), expected, atol=1e-5, rtol=0)
     assert (transformer_output(base, 1.0) - elsewhere).abs().max() > 1e-4  # the timestep dependence is gone
 
@@ -340,7 +315,7 @@ def test_bad_flux_checkpoints_are_refused(flux_transformer, tmp_path, capsys, ca
     assert not (tmp_path / "out").exists()
 
 
-def test_damaged_and_misplaced_flux_files_are_refused(flux_transformer, tmp_path, capsys):
+def test_damaged_and_misplaced_flux_files_are_refused(flux_transformer, tiny_flux_pipe, tmp_path, capsys):
     checkpoint = write_authors_run(tmp_path / "run", authors_tensors(flux_transformer), authors_hparams())
     weights = checkpoint / "lora.pt"
     data = weights.read_bytes()
@@ -353,10 +328,10 @@ def test_damaged_and_misplaced_flux_files_are_refused(flux_transformer, tmp_path
 
     # the authors' lora.pt is converted, never loaded as an adapter
     with pytest.raises(tl.TLoraFileError, match="import-official"):
-        make_flux_pipe(copy.deepcopy(flux_transformer)).load_tlora_weights(weights)
+        tiny_flux_pipe.load_tlora_weights(weights)
 
 
-def test_foreign_families_are_refused(flux_transformer, tmp_path, capsys):
+def test_foreign_families_are_refused(flux_transformer, tiny_flux_pipe, tmp_path, capsys):
     # an SD-XL (UNet) checkpoint of the authors, imported, does not go into a FLUX transformer
     unet_attention = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
     sdxl = {
@@ -369,9 +344,9 @@ def test_foreign_families_are_refused(flux_transformer, tmp_path, capsys):
     save_file(sdxl, str(run / "pytorch_lora_weights.safetensors"))
     code, _, err = run_cli(capsys, "import-official", run, tmp_path / "sdxl", "--min-rank", 2)
     assert code == 0, err
-    transformer = copy.deepcopy(flux_transformer)
+    transformer = tiny_flux_pipe.transformer
     with pytest.raises(tl.TLoraFileError, match="for a `unet`.*has a `transformer`"):
-        make_flux_pipe(transformer).load_tlora_weights(tmp_path / "sdxl")
+        tiny_flux_pipe.load_tlora_weights(tmp_path / "sdxl")
     assert torch.equal(transformer_output(transformer, 0.5), transformer_output(flux_transformer, 0.5))
 
     # an ortho FLUX adapter has no place in the authors' FLUX code
