@@ -230,7 +230,8 @@ def test_flux_full_size_is_flux_dev_and_its_flops_count(tmp_path):
     assert len(projections) == 247
 
     out = tmp_path / "flux-dry.json"
-    benchmark.main(["infer", "--family", "flux", "--size", "tiny", "--rank", str(RANK), "--dry-run", "--json", str(out)])
+    argv = ["infer", "--family", "flux", "--size", "tiny", "--rank", str(RANK), "--dry-run", "--json", str(out)]
+    benchmark.main(argv)
     rows = {row["name"]: row for row in json.loads(out.read_text())["results"]}
     assert rows["vanilla"]["adapter_parameters"] == rows[f"lora{RANK}"]["adapter_parameters"] > 0
     # at sigma 0.5 (t = 500) only 3/4 of the components are active, and T-LoRA skips the others

@@ -387,3 +387,64 @@ def test_command_line_exit_code_and_message(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: --real_images: nowhere does not exist"
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- FLUX.1
+
+
+@pytest.fixture(scope="module")
+def flux_tlora_file(tiny_flux_dir, tmp_path_factory) -> Path:
+    """A FLUX T-LoRA adapter (vanilla, the authors' projections) with a clearly visible update."""
+    from diffusers import FluxTransformer2DModel
+
+    import pipelines.tlora as tl
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
+    config = tl.TLoraConfig.for_family("flux", rank=4, min_rank=2)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for adapter in tl.inject_tlora(transformer.requires_grad_(False), config, generator=generator).values():
+            adapter.up.add_(0.5 * torch.randn(adapter.up.shape, generator=generator))
+    folder = tmp_path_factory.mktemp("flux-adapters") / "dog-flux-tlora"
+    layers = tl.get_tlora_state_dict(transformer)
+    return tl.save_tlora_weights(folder, transformer_tlora_layers=layers, tlora_config=config)
+
+
+def without(argv: list[str], flag: str) -> list[str]:
+    index = argv.index(flag)
+    return argv[:index] + argv[index + 2 :]
+
+
+def test_flux_base_model_with_the_family_sampling_defaults(
+    tiny_flux_dir, clip_dir, dino_dir, flux_tlora_file, inputs, tmp_path
+):
+    argv = cli(tiny_flux_dir, clip_dir, dino_dir, inputs, tmp_path, [f"tlora={flux_tlora_file}", "base=none"])
+    assert evaluate.main(without(argv, "--num_inference_steps")) == 0
+
+    settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+    assert (settings["model_family"], settings["num_inference_steps"], settings["guidance_scale"]) == ("flux", 28, 3.5)
+    generated = json.loads((tmp_path / "tlora" / "generation.json").read_text())
+    assert (generated["num_inference_steps"], generated["guidance_scale"]) == (28, 3.5)
+    tlora_image = Image.open(tmp_path / "tlora" / "01-a-red-concept" / "0.png")
+    base_image = Image.open(tmp_path / "base" / "01-a-red-concept" / "0.png")
+    assert tlora_image.size == (64, 64)
+    # same seed, so the images differ only through the adapter
+    assert tlora_image.tobytes() != base_image.tobytes()
+
+
+def test_flux_family_resolution_and_foreign_adapters_are_refused(
+    tiny_flux_dir, clip_dir, dino_dir, adapter_files, flux_tlora_file, inputs, tmp_path, capsys
+):
+    argv = cli(tiny_flux_dir, clip_dir, dino_dir, inputs, tmp_path, [adapter_files["tlora"]])
+    err = run_cli_error(argv, capsys)
+    assert "cannot be loaded into" in err and "`unet`" in err and "has a `transformer`" in err
+    assert not list(tmp_path.rglob("*.png"))
+
+    argv = cli(tiny_flux_dir, clip_dir, dino_dir, inputs, tmp_path, [flux_tlora_file])
+    argv[argv.index("--resolution") + 1] = "72"
+    assert "must be a multiple of 16 for FLUX.1" in run_cli_error(argv, capsys)
+
+    (tmp_path / "other-model").mkdir()
+    (tmp_path / "other-model" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    argv = cli(tmp_path / "other-model", clip_dir, dino_dir, inputs, tmp_path, [flux_tlora_file])
+    assert "is a KandinskyPipeline, which T-LoRA does not adapt" in run_cli_error(argv, capsys)
