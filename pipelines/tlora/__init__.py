@@ -16,7 +16,8 @@ Modules, in the order of the method:
     file_format       the safetensors layout, reading and checking
     loader            the pipeline API
 Interoperability with other tools' files:
-    official_format   the T-LoRA authors' checkpoints
+    official_format   the T-LoRA authors' SD-XL checkpoints
+    official_flux     the T-LoRA authors' FLUX.1 checkpoints (lora.pt, read weights-only)
     lora_export       standard LoRA files frozen at one rank (diffusers, kohya)
     convert           the conversion commands behind `scripts/convert_tlora.py`
 """
