@@ -12,8 +12,8 @@ Usage::
 
 IN is a `pytorch_tlora_weights.safetensors` file or a folder holding one. Both of the authors' layouts are known:
 SD-XL (`checkpoint-N/pytorch_lora_weights.safetensors`) and FLUX.1 (`checkpoint-N/lora.pt`, a torch pickle read
-weights-only; exports write `lora.safetensors` instead). The model family comes from the keys and `model_family`. Errors print `error: ...` and exit with
-status 2. The conversions themselves live in `pipelines.tlora.convert`.
+weights-only; exports write `lora.safetensors` instead). The model family comes from the keys and `model_family`.
+Errors print `error: ...` and exit with status 2. The conversions themselves live in `pipelines.tlora.convert`.
 """
 
 from __future__ import annotations

@@ -854,8 +854,8 @@ def run(args) -> dict:
         key: getattr(args, key)
         for key in (
             "pretrained_model_name_or_path", "model_family", "concept", "class_word", "images_per_prompt",
-            "base_prompt_images", "max_prompts", "seed", "num_inference_steps", "guidance_scale", "resolution", "dtype", "device",
-            "clip_model", "dino_model", "masks",
+            "base_prompt_images", "max_prompts", "seed", "num_inference_steps", "guidance_scale", "resolution",
+            "dtype", "device", "clip_model", "dino_model", "masks",
         )
     }  # fmt: skip
     settings |= {

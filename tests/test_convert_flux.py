@@ -282,7 +282,12 @@ def _first_key(tensors, ending="down.weight"):
 
 BAD_CHECKPOINTS = [
     # (case, build tensors or None for the default, hparams changes, expected message)
-    ("custom class", _tensors_with(lambda t: t.update(extra=NotATensor())), {}, "needs more than weights-only"),
+    (
+        "custom class",
+        _tensors_with(lambda t: t.update(extra=NotATensor())),
+        {},
+        f"needs more than weights-only unpickling (it holds a {NotATensor.__module__}.NotATensor object)",
+    ),
     ("non-tensor value", _tensors_with(lambda t: t.update(step=3)), {}, "are not named tensors"),
     ("unknown key", _tensors_with(lambda t: t.update({"transformer_blocks.0.attn.processor.to_x_lora.down.weight":
                                                       torch.zeros(RANK, 32)})), {}, "Unexpected key"),

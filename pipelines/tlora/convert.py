@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -188,16 +189,21 @@ def find_hparams(weights: Path, hparams: str | os.PathLike | None = None) -> Pat
     return candidate if candidate.is_file() else None
 
 
+# how torch's weights-only unpickler names the first object it refused
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
 def read_weights_only_pickle(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a torch pickle such as the authors' FLUX `lora.pt`, unpickled weights-only: tensors and plain
     containers, never code. Anything needing more is refused, as is anything but a flat `{name: tensor}` dict."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        found = _UNSUPPORTED_GLOBAL.search(str(error))
+        what = f"a {found[1]} object" if found else "objects other than tensors"
         raise TLoraFileError(
-            f"{path} needs more than weights-only unpickling (it holds objects other than tensors), so it is not "
-            f"loaded: full unpickling can run arbitrary code. ({reason})"
+            f"{path} needs more than weights-only unpickling (it holds {what}), so it is not loaded: full unpickling "
+            "can run arbitrary code."
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:  # torch's errors for damaged archives and streams
         raise TLoraFileError(f"{path} is not a readable torch file (truncated or damaged?): {error}") from None
