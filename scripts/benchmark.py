@@ -16,8 +16,8 @@ projections, loaded with `pipe.load_lora_weights`.
 `infer --family flux` does the same with the stock `FluxPipeline` (FlowMatch Euler with FLUX.1-dev's scheduler
 settings, guidance 3.5 as the guidance embedding, so one transformer call of batch 1 per step) for no adapter,
 Vanilla T-LoRA of rank R (the variant used for FLUX) and a standard LoRA of rank R, all on the authors' 247
-projections. Sizes: `tiny` and `small` random transformers, `full` FLUX.1-dev's architecture (11.9 B parameters;
-use it with `--dry-run` for FLOP counts).
+projections. Sizes: the FLUX fixtures of `scripts/make_tiny_pipeline.py` (`tiny`, `small`) and FLUX.1-dev's
+transformer (`full`, 11.9 B parameters; with `--dry-run` for FLOP counts). `train` is SD-XL only.
 
 `train` times an optimizer step as the training script does it (noise a cached latent, one random timestep
 per sample, UNet forward, MSE loss, backward, AdamW step) for PEFT LoRA, Vanilla T-LoRA and T-LoRA of rank R,
