@@ -147,7 +147,7 @@ SD3 = ModelFamily(
     timestep_scale=1.0,
     default_target_modules=TRANSFORMER_TARGET_MODULES,
     default_variant="vanilla",
-    pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+    pipeline_classes=tuple(f"StableDiffusion3{kind}Pipeline" for kind in ("", "Img2Img", "Inpaint")),
     base_model="stabilityai/stable-diffusion-3.5-medium",
 )
 

@@ -229,7 +229,9 @@ def split_state_dict(
                     "or rank."
                 )
             if not tensor.is_floating_point():
-                raise TLoraFileError(f"'{prefix}{path}.tlora.{name}' has dtype {tensor.dtype}; expected a float tensor.")
+                raise TLoraFileError(
+                    f"'{prefix}{path}.tlora.{name}' has dtype {tensor.dtype}; expected a float tensor."
+                )
             if not torch.isfinite(tensor).all():
                 raise TLoraFileError(f"'{prefix}{path}.tlora.{name}' contains NaN or Inf values.")
     return grouped
