@@ -9,6 +9,7 @@ Usage::
     python scripts/convert_tlora.py export-lora IN OUT [--timestep T | --rank K] [--format diffusers|kohya]
         [--overwrite]
     python scripts/convert_tlora.py inspect FILE [--hparams PATH]
+    python scripts/convert_tlora.py loader-files ADAPTER_DIR [--family sd|sdxl] [--overwrite]
 
 IN is a `pytorch_tlora_weights.safetensors` file or a folder holding one. Both of the authors' layouts are known:
 SD-XL (`checkpoint-N/pytorch_lora_weights.safetensors`) and FLUX.1 (`checkpoint-N/lora.pt`, a torch pickle read
@@ -27,8 +28,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from pipelines.tlora import convert  # noqa: E402
-from scripts.arguments import positive_int  # noqa: E402
+from pipelines.tlora.families import FAMILIES  # noqa: E402
 from pipelines.tlora.lora_export import FORMATS  # noqa: E402
+from scripts.arguments import positive_int  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lora.add_argument("--overwrite", action="store_true")
 
+    loader = commands.add_parser(
+        "loader-files",
+        help="write pipeline.py and the runtime modules next to an adapter, for diffusers' custom_pipeline=",
+        description="Write ADAPTER_DIR/pipeline.py and ADAPTER_DIR/tlora_*.py (this version's runtime modules), so "
+        "that `DiffusionPipeline.from_pretrained(BASE, custom_pipeline=ADAPTER_DIR_OR_REPO, trust_remote_code=True)` "
+        "gives a pipeline with `load_tlora_weights` without this project installed. Upload them with the adapter.",
+    )
+    loader.add_argument("adapter_dir", type=Path, metavar="ADAPTER_DIR", help="folder holding the T-LoRA file")
+    loader.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        help="model family of the pipeline (default: the adapter's model_family; sdxl for files without one)",
+    )
+    loader.add_argument("--overwrite", action="store_true", help="replace same-named files not written by this tool")
+
     inspector = commands.add_parser("inspect", help="summarise an adapter in either layout")
     inspector.add_argument("path", type=Path, metavar="FILE")
     inspector.add_argument("--hparams", type=Path, help="hparams.yml of an authors' checkpoint")
@@ -94,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> str:
     if args.command == "inspect":
         return convert.format_inspection(convert.inspect_adapter(args.path, hparams=args.hparams))
-    if args.command == "import-official":
+    if args.command == "loader-files":
+        result = convert.add_loader_files(args.adapter_dir, family=args.family, overwrite=args.overwrite)
+    elif args.command == "import-official":
         result = convert.import_official(
             args.checkpoint,
             args.out_dir,

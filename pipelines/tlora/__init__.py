@@ -19,7 +19,10 @@ Interoperability with other tools' files:
     official_format   the T-LoRA authors' SD-XL checkpoints
     official_flux     the T-LoRA authors' FLUX.1 checkpoints (lora.pt, read weights-only)
     lora_export       standard LoRA files frozen at one rank (diffusers, kohya)
+    comfyui_export    the one file ComfyUI's T-LoRA node loads, and its node settings
     convert           the conversion commands behind `scripts/convert_tlora.py`
+    remote_code       loader files (pipeline.py + runtime modules) for diffusers' `custom_pipeline=`
+    version           the package version, recorded in adapters and loader files
 """
 
 import diffusers
@@ -45,6 +48,7 @@ from .loader import (
     unload_tlora_weights,
 )
 from .schedule import rank_mask, rank_schedule
+from .version import __version__
 
 # Every pipeline of every family whose instances (also those made by AutoPipeline* or DiffusionPipeline) gain the
 # API; a class missing from the installed diffusers is skipped.
@@ -61,6 +65,7 @@ class TLoraStableDiffusionXLPipeline(TLoraLoaderMixin, diffusers.StableDiffusion
 
 
 __all__ = [
+    "__version__",
     "DEFAULT_TARGET_MODULES",
     "FAMILIES",
     "FORMAT_VERSION",

@@ -4,6 +4,7 @@
     export_official   our file  ->  OUT/checkpoint-N/<weights> + OUT/logs/hparams.yml
     export_lora       our file  ->  a standard LoRA (diffusers or kohya keys) frozen at one rank
     inspect_adapter   either layout  ->  a summary of its settings and schedule
+    add_loader_files  our file's folder  +=  pipeline.py and tlora_*.py, for diffusers' `custom_pipeline=`
 
 The authors have two layouts, one per model family: SD-XL (`official_format.py`, safetensors) and FLUX.1
 (`official_flux.py`, `lora.pt`, a torch pickle read here with weights-only unpickling and nothing else). Which one a
@@ -43,6 +44,7 @@ from .file_format import (
 )
 from .families import FLUX, SDXL, ModelFamily
 from .loader import tlora_state_dict
+from .remote_code import PIPELINE_FILE, family_of_config, pipeline_class_name, write_loader_files
 from .lora_export import FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
 from .official_flux import (
     FLUX_EXPORT_WEIGHT_NAME,
@@ -315,7 +317,7 @@ def import_official(
     base_model: str | None = None,
     overwrite: bool = False,
 ) -> ConversionResult:
-    """Convert an authors' checkpoint to `out_dir/pytorch_tlora_weights.safetensors`.
+    """Convert an authors' checkpoint to `out_dir/pytorch_tlora_weights.safetensors`, with the loader files.
 
     The tensors decide the variant; the schedule comes from `hparams` (default `<run>/logs/hparams.yml`), with
     any argument given here taking precedence.
@@ -333,7 +335,8 @@ def import_official(
     config, notes = official.resolve_config()
     _validate(official.state_dict, config)
     save_tlora_file(official.state_dict, config, target)
-    return ConversionResult([target], config, [official.describe_source(), *notes])
+    loader = write_loader_files(out_dir, family_of_config(config), overwrite=overwrite)
+    return ConversionResult([target, *loader], config, [official.describe_source(), *notes])
 
 
 def export_official(
@@ -430,6 +433,24 @@ def export_lora(
     metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(record, sort_keys=True)}
     write_atomically(target, lambda path: save_file(tensors, str(path), metadata=metadata))
     return ConversionResult([target], config, [description])
+
+
+def add_loader_files(
+    adapter_dir: str | os.PathLike, *, family: str | None = None, overwrite: bool = False
+) -> ConversionResult:
+    """Write the loader files (`pipeline.py`, `tlora_*.py`) into the folder of a T-LoRA file."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise NotADirectoryError(f"{adapter_dir} is not a folder; give the folder that holds {WEIGHT_NAME}.")
+    _, config = read_adapter(adapter_dir)
+    family = family or family_of_config(config)
+    outputs = write_loader_files(adapter_dir, family, overwrite=overwrite)
+    stock, _ = pipeline_class_name(family)
+    note = (
+        f"{PIPELINE_FILE} defines a {stock} with load_tlora_weights: DiffusionPipeline.from_pretrained(BASE, "
+        f"custom_pipeline={str(adapter_dir)!r} or the Hub repo holding these files, trust_remote_code=True)"
+    )
+    return ConversionResult(outputs, config, [note])
 
 
 def _parameter_counts(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -19,9 +19,12 @@ from safetensors.torch import save_file
 
 from .config import FORMAT_VERSION, TLoraConfig, TLoraConfigError
 from .families import FAMILIES, SDXL, ModelFamily, get_family
+from .version import __version__
 
 WEIGHT_NAME = "pytorch_tlora_weights.safetensors"
 METADATA_KEY = "tlora_config"
+# the version of this package that wrote the file, named when another version cannot read it
+WRITER_KEY = "tlora_version"
 KEY_PREFIXES = tuple(sorted({family.key_prefix for family in FAMILIES.values()}))
 KEY_INFIX = ".tlora."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -116,7 +119,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
 def save_tlora_file(state_dict: dict[str, torch.Tensor], config: TLoraConfig, path: str | os.PathLike) -> Path:
     """Write the adapter file (atomically)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in pack_layers(state_dict, key_prefix(config)).items()}
-    metadata = {"format": "pt", METADATA_KEY: config.to_json()}
+    metadata = {"format": "pt", METADATA_KEY: config.to_json(), WRITER_KEY: __version__}
     return write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
@@ -160,7 +163,12 @@ def read_tlora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], T
     try:
         config = TLoraConfig.from_json(metadata[METADATA_KEY])
     except TLoraConfigError as error:
-        raise TLoraFileError(f"{path}: {error}") from None
+        writer = metadata.get(WRITER_KEY, "a version before 0.1.0")
+        raise TLoraFileError(
+            f"{path}: {error} The file was written by pipelines.tlora {writer}; this loader is pipelines.tlora "
+            f"{__version__}. Loader files that came with an adapter (pipeline.py and tlora_*.py, for "
+            "`custom_pipeline=`) load the adapters of their own version: use those of the adapter's repository."
+        ) from None
     return state_dict, config
 
 
