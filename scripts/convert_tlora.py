@@ -5,9 +5,11 @@ Usage::
 
     python scripts/convert_tlora.py import-official CHECKPOINT_DIR OUT_DIR [--hparams PATH] [--rank R]
         [--min-rank R_MIN] [--schedule-exponent E] [--variant ortho|vanilla] [--base-model NAME] [--overwrite]
-    python scripts/convert_tlora.py export-official IN OUT_DIR [--step N] [--overwrite]
-    python scripts/convert_tlora.py export-lora IN OUT [--timestep T | --rank K] [--format diffusers|kohya]
-        [--overwrite]
+    python scripts/convert_tlora.py export-official IN OUT_DIR [--step N] [--placeholder-token TOKEN]
+        [--class-name WORD] [--overwrite]
+    python scripts/convert_tlora.py export-lora IN OUT [--timestep T | --rank K]
+        [--for comfyui|a1111|kohya|diffusers] [--overwrite]
+    python scripts/convert_tlora.py export-comfyui IN OUT [--loader tlora-node|stock] [--overwrite]
     python scripts/convert_tlora.py inspect FILE [--hparams PATH]
     python scripts/convert_tlora.py loader-files ADAPTER_DIR [--family sd|sdxl] [--overwrite]
 
@@ -29,7 +31,9 @@ if str(REPO_ROOT) not in sys.path:
 
 from pipelines.tlora import convert  # noqa: E402
 from pipelines.tlora.families import FAMILIES  # noqa: E402
-from pipelines.tlora.lora_export import FORMATS  # noqa: E402
+from pipelines.tlora.comfyui_export import LOADERS  # noqa: E402
+from pipelines.tlora.lora_export import DEFAULT_TOOL, TOOL_FORMATS  # noqa: E402
+from pipelines.tlora.official_format import DEFAULT_CLASS_NAME, DEFAULT_PLACEHOLDER_TOKEN  # noqa: E402
 from scripts.arguments import positive_int  # noqa: E402
 
 
@@ -65,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
     exporter.add_argument("out_dir", type=Path)
     exporter.add_argument("--step", type=int, default=0, help="checkpoint number in the folder name (default 0)")
+    exporter.add_argument(
+        "--placeholder-token",
+        default=DEFAULT_PLACEHOLDER_TOKEN,
+        help=f"the concept's token, written to hparams.yml for the authors' prompts (default {DEFAULT_PLACEHOLDER_TOKEN!r})",
+    )
+    exporter.add_argument(
+        "--class-name",
+        default=DEFAULT_CLASS_NAME,
+        help=f"the concept's class word, written to hparams.yml (default {DEFAULT_CLASS_NAME!r}; e.g. dog)",
+    )
     exporter.add_argument("--overwrite", action="store_true")
 
     lora = commands.add_parser(
@@ -79,13 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
     frozen_at.add_argument("--timestep", type=float, help="freeze at the rank the schedule uses at this timestep")
     frozen_at.add_argument("--rank", type=positive_int, help="freeze at this many active components")
     lora.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="diffusers",
-        help="diffusers: PEFT keys (unet. or transformer.<module>.lora_A/B); kohya (SD-XL): "
-        "lora_unet_<module>.lora_down/up/alpha",
+        "--for",
+        dest="tool",
+        choices=TOOL_FORMATS,
+        default=DEFAULT_TOOL,
+        help=f"the tool that loads it (default {DEFAULT_TOOL}). comfyui (LoraLoader), a1111 and kohya read kohya keys "
+        "(lora_unet_<SD-XL module>.lora_down/up/alpha), which diffusers' load_lora_weights also reads; diffusers: "
+        "PEFT keys (unet. or transformer.<module>.lora_A/B), which the other tools skip; FLUX.1 and SD 1.x adapters "
+        "export --for diffusers only",
     )
     lora.add_argument("--overwrite", action="store_true")
+
+    comfy = commands.add_parser(
+        "export-comfyui",
+        help="T-LoRA file -> the one file ComfyUI's 'Load T-LoRA (Bypass)' node loads, with its settings",
+        description="Write one .safetensors for ComfyUI's models/loras in the layout the ComfyUI-T-LoRA nodes read, "
+        "keeping the timestep masks; print the node settings (max_rank, min_rank, alpha, max_timestep) that "
+        "reproduce the adapter's schedule and store them in the file's `tlora_comfyui_node` metadata.",
+    )
+    comfy.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
+    comfy.add_argument("out", type=Path, metavar="OUT", help="a .safetensors file, or a folder (e.g. models/loras)")
+    comfy.add_argument(
+        "--loader",
+        choices=LOADERS,
+        default="tlora-node",
+        help="tlora-node (default): the masked T-LoRA node; stock: ComfyUI's LoraLoader, which reads a vanilla "
+        "file without masks and cannot read an ortho one (refused: use export-lora --for comfyui)",
+    )
+    comfy.add_argument("--overwrite", action="store_true")
 
     loader = commands.add_parser(
         "loader-files",
@@ -126,15 +161,19 @@ def _run(args) -> str:
             overwrite=args.overwrite,
         )
     elif args.command == "export-official":
-        result = convert.export_official(args.source, args.out_dir, step=args.step, overwrite=args.overwrite)
+        result = convert.export_official(
+            args.source,
+            args.out_dir,
+            step=args.step,
+            placeholder_token=args.placeholder_token,
+            class_name=args.class_name,
+            overwrite=args.overwrite,
+        )
+    elif args.command == "export-comfyui":
+        result = convert.export_comfyui(args.source, args.out, loader=args.loader, overwrite=args.overwrite)
     else:
         result = convert.export_lora(
-            args.source,
-            args.out,
-            timestep=args.timestep,
-            rank=args.rank,
-            lora_format=args.format,
-            overwrite=args.overwrite,
+            args.source, args.out, timestep=args.timestep, rank=args.rank, tool=args.tool, overwrite=args.overwrite
         )
     config = result.config
     lines = [f"wrote {path}" for path in result.outputs]

@@ -295,6 +295,7 @@ def test_export_official_folds_the_scale(tmp_path, capsys):
     code, out, err = run_cli(capsys, "export-official", tmp_path / "ours.safetensors", tmp_path / "official")
     assert code == 0, err
     assert "scale 0.5" in out and "has no adapter on to_k, to_q, to_v" in out
+    assert "'stabilityai/stable-diffusion-xl-base-1.0' written" in out  # the adapter names no base model
     back = load_file(str(tmp_path / "official" / "checkpoint-0" / "pytorch_lora_weights.safetensors"))
     prefix = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora."
     torch.testing.assert_close(back[prefix + "p_layer.weight"], 0.5 * state_dict[f"{path}.tlora.up"])
@@ -303,22 +304,50 @@ def test_export_official_folds_the_scale(tmp_path, capsys):
     assert torch.equal(back[prefix + "q_layer.weight"], state_dict[f"{path}.tlora.down"])
 
 
+def test_export_official_hparams_hold_what_the_authors_inference_reads(attention_shapes, tmp_path, capsys):
+    ours = import_checkpoint(tmp_path, attention_shapes, "ortho", capsys)
+    out = tmp_path / "official"
+    code, printed, err = run_cli(
+        capsys, "export-official", ours, out, "--placeholder-token", "zwx", "--class-name", "dog"
+    )
+    assert code == 0, err
+    hparams = yaml.safe_load((out / "logs" / "hparams.yml").read_text())
+    # the keys their inference script reads from hparams.yml
+    read_by_inference = {
+        "output_dir": str(out.resolve()),
+        "pretrained_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0",
+        "revision": None,
+        "placeholder_token": "zwx",
+        "class_name": "dog",
+        "lora_rank": RANK,
+        "min_rank": MIN_RANK,
+        "alpha_rank_scale": EXPONENT,
+        "trainer_type": "ortho_lora",
+        "sig_type": "last",
+        "trainer_class": "sdxl_tlora",
+    }
+    assert {key: hparams.get(key, "missing") for key in read_by_inference} == read_by_inference
+
+    assert run_cli(capsys, "export-official", ours, tmp_path / "defaults")[0] == 0
+    defaults = yaml.safe_load((tmp_path / "defaults" / "logs" / "hparams.yml").read_text())
+    assert (defaults["placeholder_token"], defaults["class_name"]) == ("sks", "object")
+    assert_refused(capsys, "export-official", ours, tmp_path / "x", "--class-name", " ", match="class name")
+
+
 # -------------------------------------------------------------------------------------------------------------
 # export-lora
 
 
 @pytest.mark.parametrize(
-    "variant, lora_format, freeze, timestep",
+    "variant, tool, freeze, timestep",
     [
         ("vanilla", "diffusers", "timestep", 420),
-        ("vanilla", "kohya", "rank", 700),
+        ("vanilla", "a1111", "rank", 700),
         ("ortho", "diffusers", None, 0),  # default: full rank, the rank of timestep 0
-        ("ortho", "kohya", "timestep", 420),
+        ("ortho", None, "timestep", 420),  # default tool: ComfyUI, kohya keys
     ],
 )
-def test_export_lora_equals_the_tlora_at_its_timestep(
-    tiny_pipe, tmp_path, capsys, variant, lora_format, freeze, timestep
-):
+def test_export_lora_equals_the_tlora_at_its_timestep(tiny_pipe, tmp_path, capsys, variant, tool, freeze, timestep):
     config = add_random_tlora(
         tiny_pipe.unet,
         seed=5,
@@ -337,18 +366,24 @@ def test_export_lora_equals_the_tlora_at_its_timestep(
 
     options = {"timestep": ["--timestep", timestep], "rank": ["--rank", authors_rank(timestep)], None: []}[freeze]
     out = tmp_path / "exported"
-    code, printed, err = run_cli(capsys, "export-lora", tmp_path / "tlora", out, "--format", lora_format, *options)
+    options += [] if tool is None else ["--for", tool]
+    code, printed, err = run_cli(capsys, "export-lora", tmp_path / "tlora", out, *options)
     assert code == 0, err
     assert "approximation without timestep masking" in printed
 
-    weights = out / "pytorch_lora_weights.safetensors"
+    lora_format = "diffusers" if tool == "diffusers" else "kohya"
+    lora_rank = authors_rank(timestep) * (2 if variant == "ortho" else 1)
+    # diffusers finds its default name in a folder; the other tools list files by name
+    name = "pytorch_lora_weights" if lora_format == "diffusers" else f"tlora_lora-rank{lora_rank}"
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.safetensors"]
+    assert f"{lora_format} layout, for {tool or 'comfyui'}" in printed
+    weights = out / f"{name}.safetensors"
     with safe_open(str(weights), framework="pt") as handle:
         record = json.loads(handle.metadata()["tlora_export"])
         keys = list(handle.keys())
     assert record["rank"] == authors_rank(timestep) and "exact at timestep" in record["description"]
-    expected_rank = authors_rank(timestep) * (2 if variant == "ortho" else 1)
     down_key = next(k for k in keys if k.endswith(("lora_A.weight", "lora_down.weight")))
-    assert load_file(str(weights))[down_key].shape[0] == expected_rank
+    assert load_file(str(weights))[down_key].shape[0] == lora_rank
     if lora_format == "kohya":
         # kohya's SD-XL names: the original UNet's input/middle/output blocks, two layers per block
         for module in (
@@ -362,12 +397,134 @@ def test_export_lora_equals_the_tlora_at_its_timestep(
         assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
     assert all(k.startswith("lora_unet_" if lora_format == "kohya" else "unet.") for k in keys)
 
-    assert_refused(capsys, "inspect", out, match="exported from a T-LoRA: Standard LoRA")
+    assert_refused(capsys, "inspect", weights, match="exported from a T-LoRA: Standard LoRA")
 
-    tiny_pipe.load_lora_weights(out)
+    tiny_pipe.load_lora_weights(weights)
     torch.testing.assert_close(unet_output(tiny_pipe.unet, timestep), expected, atol=1e-5, rtol=0)
     # the LoRA has lost the timestep dependence: at another rank it is not the T-LoRA
     assert (unet_output(tiny_pipe.unet, other_timestep) - tlora_elsewhere).abs().max() > 1e-4
+
+
+def test_kohya_names_cover_the_full_sdxl_unet():
+    """Every attention projection of the real SD-XL UNet (built on the meta device: no memory) gets the name
+    kohya's sd-scripts give it, listed here from the original UNet's layout."""
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.tlora.lora_export import kohya_state_dict
+    from scripts.benchmark import SDXL_BASE_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_BASE_UNET_CONFIG)
+    paths = [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
+    ]
+    frozen = {path: (torch.empty(4, 8, device="meta"), torch.empty(8, 4, device="meta")) for path in paths}
+    keys = set(kohya_state_dict(frozen))
+
+    # the original UNet: input blocks 4, 5 (2 transformer blocks each) and 7, 8 (10 each), the middle block (10),
+    # output blocks 0-2 (10 each) and 3-5 (2 each); attn1 and attn2, four projections each
+    blocks = {f"input_blocks_{i}_1": 2 for i in (4, 5)} | {f"input_blocks_{i}_1": 10 for i in (7, 8)}
+    blocks |= {"middle_block_1": 10} | {f"output_blocks_{i}_1": 10 for i in (0, 1, 2)}
+    blocks |= {f"output_blocks_{i}_1": 2 for i in (3, 4, 5)}
+    modules = [
+        f"lora_unet_{block}_transformer_blocks_{j}_{attention}_{projection}"
+        for block, depth in blocks.items()
+        for j in range(depth)
+        for attention in ("attn1", "attn2")
+        for projection in ("to_q", "to_k", "to_v", "to_out_0")
+    ]
+    assert len(modules) == 560
+    assert keys == {f"{m}.{suffix}" for m in modules for suffix in ("lora_down.weight", "lora_up.weight", "alpha")}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# export-comfyui
+
+
+def node_rank(t: float, settings: dict) -> int:
+    """The ComfyUI T-LoRA node's active rank at timestep t for its input settings."""
+    progress = (settings["max_timestep"] - t) / settings["max_timestep"]
+    return int(progress ** settings["alpha"] * (settings["max_rank"] - settings["min_rank"])) + settings["min_rank"]
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "ortho"])
+def test_comfyui_node_export_reproduces_the_tlora(
+    tiny_pipe, tiny_sdxl_dir, attention_shapes, tmp_path, capsys, variant
+):
+    from diffusers import UNet2DConditionModel
+
+    config = add_random_tlora(
+        tiny_pipe.unet,
+        seed=7,
+        rank=RANK,
+        min_rank=MIN_RANK,
+        variant=variant,
+        schedule_exponent=EXPONENT,
+        lora_alpha=4.0,  # scale 0.5: the node applies scale 1, so the export folds it in
+        init="normal" if variant == "vanilla" else "random-last",
+    )
+    tiny_pipe.save_tlora_weights(tmp_path / "dog", tl.get_tlora_state_dict(tiny_pipe), config)
+    expected = {t: unet_output(tiny_pipe.unet, t) for t in (0, 450, 999)}
+
+    code, printed, err = run_cli(capsys, "export-comfyui", tmp_path / "dog", tmp_path / "loras")
+    assert code == 0, err
+    name = f"dog_tlora-node_{variant}_r{RANK}-min{MIN_RANK}.safetensors"
+    assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == [name]
+    settings = {"strength_model": 1.0, "max_rank": RANK, "min_rank": MIN_RANK, "alpha": EXPONENT, "max_timestep": 1000}
+    assert "'Load T-LoRA (Bypass)'" in printed
+    assert "max_rank 8, min_rank 3, alpha 1.5, max_timestep 1000" in printed
+
+    with safe_open(str(tmp_path / "loras" / name), framework="pt") as handle:
+        record = json.loads(handle.metadata()["tlora_comfyui_node"])
+        assert "tlora_config" not in handle.metadata()  # not a file of this package's own format
+    assert record["node"] == "Load T-LoRA (Bypass)" and record["settings"] == settings
+    tensors = load_file(str(tmp_path / "loras" / name))
+    parameters = {
+        "vanilla": ("down.weight", "up.weight"),
+        "ortho": ("q_layer.weight", "p_layer.weight", "lambda_layer", "base_q.weight", "base_p.weight", "base_lambda"),
+    }[variant]
+    assert tensors.keys() == {
+        f"{processor}.{projection}_lora.{parameter}"
+        for processor in attention_shapes
+        for projection in THEIR_PROJECTIONS
+        for parameter in parameters
+    }
+
+    # the node's schedule with these settings is the adapter's, at every integer timestep
+    assert all(node_rank(t, settings) == authors_rank(t) for t in range(1000))
+    reference = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet").eval()
+    reference.set_attn_processor(
+        {name: ReferenceProcessor(tensors, name, variant) for name in reference.attn_processors}
+    )
+    for t, output in expected.items():
+        mask = torch.zeros((1, RANK))
+        mask[:, : node_rank(t, settings)] = 1.0
+        reached = unet_output(reference, t, cross_attention_kwargs={"sigma_mask": mask})
+        torch.testing.assert_close(reached, output, atol=1e-5, rtol=0)
+
+
+def test_comfyui_exports_a_loader_cannot_represent_are_refused(tiny_pipe, tmp_path, capsys):
+    for variant in ("ortho", "vanilla"):
+        config = add_random_tlora(tiny_pipe.unet, rank=4, min_rank=2, variant=variant, adapter_name=variant)
+        state_dict = tl.get_tlora_state_dict(tiny_pipe, variant)
+        tiny_pipe.save_tlora_weights(tmp_path / variant, state_dict, config)
+    err = assert_refused(
+        capsys, "export-comfyui", tmp_path / "ortho", tmp_path / "out", "--loader", "stock", match="stock LoraLoader"
+    )
+    assert "export-lora --for comfyui" in err and "'Load T-LoRA (Bypass)'" in err
+    assert not (tmp_path / "out").exists()
+
+    code, printed, err = run_cli(capsys, "export-comfyui", tmp_path / "vanilla", tmp_path / "out", "--loader", "stock")
+    assert code == 0, err
+    assert "reads this file as a standard LoRA without masks" in printed and "exact at timestep 0 only" in printed
+
+    flat = tl.TLoraConfig(rank=4, min_rank=2, variant="vanilla", schedule_exponent=0.0)
+    tl.save_tlora_file(tl.get_tlora_state_dict(tiny_pipe, "vanilla"), flat, tmp_path / "flat.safetensors")
+    assert_refused(
+        capsys, "export-comfyui", tmp_path / "flat.safetensors", tmp_path / "out", match="outside the node's alpha"
+    )
 
 
 # -------------------------------------------------------------------------------------------------------------

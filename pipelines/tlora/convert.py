@@ -2,7 +2,8 @@
 
     import_official   authors' checkpoint-N folder (+ logs/hparams.yml)  ->  pytorch_tlora_weights.safetensors
     export_official   our file  ->  OUT/checkpoint-N/<weights> + OUT/logs/hparams.yml
-    export_lora       our file  ->  a standard LoRA (diffusers or kohya keys) frozen at one rank
+    export_lora       our file  ->  a standard LoRA (kohya or diffusers keys, per tool) frozen at one rank
+    export_comfyui    our file  ->  the one file ComfyUI's T-LoRA node loads, plus the node settings to use
     inspect_adapter   either layout  ->  a summary of its settings and schedule
     add_loader_files  our file's folder  +=  pipeline.py and tlora_*.py, for diffusers' `custom_pipeline=`
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .comfyui_export import check_loader, describe_settings, node_file_name, node_metadata, node_settings
 from .config import TLoraConfig, TLoraConfigError
 from .file_format import (
     METADATA_KEY,
@@ -44,8 +46,7 @@ from .file_format import (
 )
 from .families import FLUX, SDXL, ModelFamily
 from .loader import tlora_state_dict
-from .remote_code import PIPELINE_FILE, family_of_config, pipeline_class_name, write_loader_files
-from .lora_export import FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
+from .lora_export import DEFAULT_TOOL, TOOL_FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
 from .official_flux import (
     FLUX_EXPORT_WEIGHT_NAME,
     FLUX_WEIGHT_NAME,
@@ -57,6 +58,9 @@ from .official_flux import (
     tlora_to_flux_official_state_dict,
 )
 from .official_format import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_CLASS_NAME,
+    DEFAULT_PLACEHOLDER_TOKEN,
     HPARAMS_NAME,
     LOGS_DIR,
     OFFICIAL_NUM_TRAIN_TIMESTEPS,
@@ -74,6 +78,7 @@ from .official_format import (
     settings_from_hparams,
     tlora_to_official_state_dict,
 )
+from .remote_code import PIPELINE_FILE, pipeline_class_name, write_loader_files
 
 # diffusers' default weight name: `pipe.load_lora_weights(folder)` finds it without `weight_name=`
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -340,12 +345,25 @@ def import_official(
 
 
 def export_official(
-    source: str | os.PathLike, out_dir: str | os.PathLike, *, step: int = 0, overwrite: bool = False
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    step: int = 0,
+    placeholder_token: str = DEFAULT_PLACEHOLDER_TOKEN,
+    class_name: str = DEFAULT_CLASS_NAME,
+    overwrite: bool = False,
 ) -> ConversionResult:
     """Write our adapter in the authors' layout of its family: `out_dir/checkpoint-<step>/<weights>` and
-    `out_dir/logs/hparams.yml`."""
+    `out_dir/logs/hparams.yml`.
+
+    `placeholder_token` and `class_name` are the concept's words, which the authors' SD-XL inference puts in its
+    prompts.
+    """
     if step < 0:
         raise ValueError(f"The checkpoint step must be >= 0, got {step}.")
+    for name, value in (("placeholder token", placeholder_token), ("class name", class_name)):
+        if not value.strip():
+            raise ValueError(f"The {name} must not be empty.")
     state_dict, config = read_adapter(source)
     family = family_of_config(config)
     if family is FLUX:
@@ -357,8 +375,15 @@ def export_official(
     if family.denoiser_attribute != SDXL.denoiser_attribute:
         raise TLoraFileError(f"The T-LoRA authors published no checkpoint layout for {family.display_name}.")
     tensors = tlora_to_official_state_dict(state_dict, config)
-    hparams = hparams_for(config)
-    notes = [f"hparams: trainer_type {hparams['trainer_type']!r}, sig_type {hparams['sig_type']!r}"]
+    hparams = hparams_for(
+        config, output_dir=str(Path(out_dir).resolve()), placeholder_token=placeholder_token, class_name=class_name
+    )
+    notes = [
+        f"hparams: trainer_type {hparams['trainer_type']!r}, sig_type {hparams['sig_type']!r}, placeholder_token "
+        f"{placeholder_token!r}, class_name {class_name!r}"
+    ]
+    if not config.base_model:
+        notes.append(f"the adapter names no base model: pretrained_model_name_or_path {DEFAULT_BASE_MODEL!r} written")
     if config.init.startswith("weight-"):
         notes.append(f"init {config.init!r} (SVD of the base weights) is written as trainer_type 'ortho_lora'")
     if config.scale != 1.0:
@@ -392,13 +417,22 @@ def _write_official_run(
     return ConversionResult(outputs, config, notes)
 
 
-def _lora_target(out: Path) -> Path:
+def adapter_name(source: str | os.PathLike) -> str:
+    """A name for files exported from an adapter: its folder's name, or the file's own name."""
+    source = Path(source).resolve()
+    if source.is_dir():
+        return source.name
+    return source.parent.name if source.name == WEIGHT_NAME else source.stem
+
+
+def _export_target(out: Path, default_name: str) -> Path:
+    """`out` if it names a .safetensors file, else `out/default_name`."""
     refuse_pickle(out)
     if out.suffix == ".safetensors":
         return out
     if out.is_file():
         raise FileExistsError(f"{out} is a file; give a .safetensors path or a folder.")
-    return out / LORA_WEIGHT_NAME
+    return out / default_name
 
 
 def export_lora(
@@ -407,19 +441,19 @@ def export_lora(
     *,
     timestep: float | None = None,
     rank: int | None = None,
-    lora_format: str = "diffusers",
+    tool: str = DEFAULT_TOOL,
     overwrite: bool = False,
 ) -> ConversionResult:
-    """Freeze the adapter at the rank of `timestep`, or at `rank` (default: full rank), as a standard LoRA.
+    """Freeze the adapter at the rank of `timestep`, or at `rank` (default: full rank), as a standard LoRA in the
+    layout `tool` reads.
 
-    `out` is a `.safetensors` file or a folder (which receives `pytorch_lora_weights.safetensors`).
+    `out` is a `.safetensors` file or a folder, which receives `pytorch_lora_weights.safetensors` for diffusers
+    and `<adapter>_lora-rank<K>.safetensors` for the other tools.
     """
     if timestep is not None and rank is not None:
         raise ValueError("Give a timestep or a rank to freeze at, not both.")
-    if lora_format not in FORMATS:
-        raise ValueError(f"Unknown LoRA format {lora_format!r}; choose one of {', '.join(FORMATS)}.")
-    target = _lora_target(Path(out))
-    _check_free([target], overwrite)
+    if tool not in TOOL_FORMATS:
+        raise ValueError(f"Unknown tool {tool!r}; choose one of {', '.join(TOOL_FORMATS)}.")
     state_dict, config = read_adapter(source)
     if timestep is not None:
         if not 0 <= timestep <= config.num_train_timesteps:
@@ -427,12 +461,44 @@ def export_lora(
         rank = rank_at_timestep(config, timestep)
     elif rank is None:
         rank = config.rank
+    lora_format = TOOL_FORMATS[tool]
+    lora_rank = rank if config.variant == "vanilla" else 2 * rank
+    name = LORA_WEIGHT_NAME if lora_format == "diffusers" else f"{adapter_name(source)}_lora-rank{lora_rank}.safetensors"
+    target = _export_target(Path(out), name)
+    _check_free([target], overwrite)
     tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), lora_format, family_of_config(config))
     description = describe_export(config, rank)
     record = {"description": description, "rank": rank, "timestep": timestep, "tlora_config": config.to_dict()}
     metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(record, sort_keys=True)}
     write_atomically(target, lambda path: save_file(tensors, str(path), metadata=metadata))
-    return ConversionResult([target], config, [description])
+    return ConversionResult([target], config, [f"{lora_format} layout, for {tool}", description])
+
+
+def export_comfyui(
+    source: str | os.PathLike, out: str | os.PathLike, *, loader: str = "tlora-node", overwrite: bool = False
+) -> ConversionResult:
+    """Write the one file ComfyUI's T-LoRA node loads (the authors' key layout, scale folded in), with the node
+    settings that reproduce the schedule in its metadata and in the notes.
+
+    `out` is a `.safetensors` file or a folder (which receives `<adapter>_tlora-node_<variant>_r<R>-min<r>
+    .safetensors`). `loader="stock"` is for ComfyUI's stock LoraLoader, which reads vanilla files unmasked and
+    cannot read ortho ones (refused).
+    """
+    state_dict, config = read_adapter(source)
+    if config.model_family not in (None, "sd", "sdxl"):
+        raise TLoraFileError(
+            f"The ComfyUI node export writes UNet (SD, SD-XL) adapters; this one is for {config.model_family!r}."
+        )
+    notes = check_loader(loader, config)
+    settings = node_settings(config)
+    target = _export_target(Path(out), node_file_name(adapter_name(source), config))
+    _check_free([target], overwrite)
+    tensors = tlora_to_official_state_dict(state_dict, config)
+    metadata = node_metadata(settings, config)
+    write_atomically(target, lambda path: save_file(tensors, str(path), metadata=metadata))
+    if config.scale != 1.0:
+        notes.append(f"adapter scale {config.scale:g} (lora_alpha / rank) folded into the up factors")
+    return ConversionResult([target], config, [describe_settings(settings), *notes])
 
 
 def add_loader_files(

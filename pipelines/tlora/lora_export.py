@@ -9,7 +9,7 @@ with `s` the adapter's own scale (`lora_alpha / rank`), folded into the up facto
 The result equals the T-LoRA exactly at the timesteps whose scheduled rank is `k` and only approximates it at
 the others: what is lost is the timestep dependence itself.
 
-Two key layouts:
+Two key layouts (`TOOL_FORMATS` says which tool reads which):
 - "diffusers": PEFT keys `<denoiser>.<module path>.lora_A.weight` / `.lora_B.weight` (`unet.` or `transformer.`,
   see `families.py`), as written by `StableDiffusionXLPipeline.save_lora_weights` or
   `FluxPipeline.save_lora_weights`; no alphas, so diffusers uses scale 1.
@@ -30,6 +30,10 @@ from .file_format import TLoraFileError, layer_key_parts
 from .schedule import rank_schedule
 
 FORMATS = ("diffusers", "kohya")
+# The layout each tool reads. ComfyUI's LoraLoader, A1111 and kohya's sd-scripts skip PEFT keys (the LoRA would
+# silently do nothing); diffusers' `load_lora_weights` reads both, so the kohya layout is the default.
+TOOL_FORMATS = {"comfyui": "kohya", "a1111": "kohya", "kohya": "kohya", "diffusers": "diffusers"}
+DEFAULT_TOOL = "comfyui"
 # SD-XL's UNet has two resnet/attention layers per down block and three per up block; the original UNet numbers
 # its layers consecutively, with a downsampler after each down block.
 SDXL_LAYERS_PER_BLOCK = 2
@@ -117,7 +121,7 @@ def sgm_module_path(path: str) -> str:
         return f"middle_block.1.{match['rest']}"
     raise TLoraFileError(
         f"Module {path!r} has no place in SD-XL's UNet layout, so it has no kohya name; export it with "
-        "--format diffusers."
+        "--for diffusers."
     )
 
 
@@ -141,7 +145,7 @@ def lora_state_dict(
         if family.name != SDXL.name:
             raise TLoraFileError(
                 f"The kohya layout here names SD-XL UNet modules; this adapter is for {family.display_name}. Export "
-                "it with --format diffusers."
+                "it with --for diffusers."
             )
         return kohya_state_dict(frozen)
     raise ValueError(f"Unknown LoRA format {lora_format!r}; choose one of {', '.join(FORMATS)}.")

@@ -59,6 +59,11 @@ MASKED_TRAINER_CLASS = "sdxl_tlora"
 UNMASKED_TRAINER_CLASS = "sdxl_lora"
 # The authors' code takes T from the SD-XL scheduler and applies the adapters with scale 1.
 OFFICIAL_NUM_TRAIN_TIMESTEPS = 1000
+# Written when an export is not told otherwise: DreamBooth's customary rare token, a neutral class word, and the
+# base model of the authors' SD-XL code.
+DEFAULT_PLACEHOLDER_TOKEN = "sks"
+DEFAULT_CLASS_NAME = "object"
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 _KEY_PATTERN = re.compile(r"^(?P<module>.+)\.processor\.(?P<projection>to_q|to_k|to_v|to_out)_lora\.(?P<param>.+)$")
 
@@ -335,8 +340,20 @@ def resolve_config(
     return config, notes
 
 
-def hparams_for(config: TLoraConfig) -> dict:
-    """hparams.yml entries that the authors' inference code reads for `config`."""
+def hparams_for(
+    config: TLoraConfig,
+    *,
+    output_dir: str,
+    placeholder_token: str = DEFAULT_PLACEHOLDER_TOKEN,
+    class_name: str = DEFAULT_CLASS_NAME,
+    revision: str | None = None,
+) -> dict:
+    """hparams.yml entries that the authors' inference code reads for `config`.
+
+    Their inference also reads where the run lives (`output_dir`, holding the checkpoint-N folders), the base
+    model and its `revision`, and the concept's `placeholder_token` and `class_name`, which it puts in its
+    prompts; it stops with a KeyError when one is missing.
+    """
     if config.variant == "vanilla":
         trainer_type, sig_type = "lora", DEFAULT_SIG_TYPE
     else:
@@ -351,7 +368,10 @@ def hparams_for(config: TLoraConfig) -> dict:
         "trainer_type": trainer_type,
         "sig_type": sig_type,
         "trainer_class": MASKED_TRAINER_CLASS,
+        "output_dir": output_dir,
+        "pretrained_model_name_or_path": config.base_model or DEFAULT_BASE_MODEL,
+        "revision": revision,
+        "placeholder_token": placeholder_token,
+        "class_name": class_name,
     }
-    if config.base_model:
-        hparams["pretrained_model_name_or_path"] = config.base_model
     return hparams

@@ -23,7 +23,6 @@ import os
 import re
 from pathlib import Path
 
-from .config import TLoraConfig
 from .families import SDXL, get_family
 from .file_format import write_atomically
 from .version import __version__
@@ -151,11 +150,6 @@ def _check_closed(files: dict[str, str]) -> None:
             module = match[1] or match[2]
             if f"{module}.py" not in files:
                 raise LoaderFilesError(f"{file_name} imports .{module}, which is not among the loader files.")
-
-
-def family_of_config(config: TLoraConfig) -> str:
-    # Files from before model families were recorded come from the SD-XL trainer.
-    return config.model_family or SDXL.name
 
 
 def write_loader_files(
