@@ -1,0 +1,104 @@
+"""Model-card assets: the ranks of the sampler's actual steps, the validation grid, the loss record and curve."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+import pipelines.tlora as tl
+from scripts.make_tiny_sdxl import SCHEDULER_CONFIG
+from training.card_assets import (
+    LossHistory,
+    plot_loss,
+    plot_rank_schedule,
+    ranks_at,
+    sampler_timesteps,
+    validation_grid,
+)
+
+# black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json
+FLUX_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+def paper_rank(t: float, rank: int, min_rank: int, exponent: float = 1.0, total: int = 1000) -> int:
+    return math.floor(((total - t) / total) ** exponent * (rank - min_rank)) + min_rank
+
+
+def test_sdxl_euler_steps_and_their_ranks():
+    scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    timesteps = sampler_timesteps(scheduler, 25)
+    # "leading" spacing with steps_offset 1: every 40th training timestep, from 961 down to 1
+    assert timesteps == [float(1 + 40 * i) for i in reversed(range(25))]
+    assert scheduler.timesteps.numel() == 1000  # the caller's scheduler is left as it was
+
+    config = tl.TLoraConfig(rank=64, min_rank=32, schedule_exponent=1.5)
+    assert ranks_at(config, timesteps) == [paper_rank(t, 64, 32, 1.5) for t in timesteps]
+
+
+def test_flux_steps_are_shifted_and_already_in_schedule_units():
+    """FLUX.1-dev at 28 steps, 1024 px: t from 1000 down to about 105, so with R = 32, r_min = 1 the ranks run
+    1..28 (not 1..32: the sampler never reaches low t)."""
+    timesteps = sampler_timesteps(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG), 28, resolution=1024)
+    assert len(timesteps) == 28
+    shifted = math.e**1.15 / (math.e**1.15 + (28 - 1))  # the time shift of the last sigma, 1/28, at mu = 1.15
+    assert timesteps[0] == pytest.approx(1000.0) and timesteps[-1] == pytest.approx(1000 * shifted, abs=1e-3)
+    ranks = ranks_at(tl.TLoraConfig(rank=32, min_rank=1, variant="vanilla"), timesteps)
+    assert ranks[0] == 1 and ranks[-1] == 28 and ranks == sorted(ranks)
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_plots_are_written(tmp_path):
+    config = tl.TLoraConfig(rank=8, min_rank=4)
+    timesteps = sampler_timesteps(EulerDiscreteScheduler(**SCHEDULER_CONFIG), 10)
+    pixels = _png(plot_rank_schedule(config, timesteps, tmp_path / "schedule.png", "Euler"))
+    assert pixels.shape == (360, 800, 3) and pixels.std() > 10
+
+    history = [(step, 1.0 / step) for step in range(1, 101)]
+    pixels = _png(plot_loss(history, tmp_path / "loss.png"))
+    assert pixels.shape == (360, 800, 3) and pixels.std() > 10
+    with pytest.raises(ValueError, match="No loss"):
+        plot_loss([], tmp_path / "empty.png")
+
+
+def test_validation_grid_puts_base_left_and_adapter_right(tmp_path):
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
+    rows = [("a photo of sks toy", [red, red], [blue, blue]), ("sks toy on the beach", [red, red], [blue, blue])]
+    pixels = _png(validation_grid(rows, tmp_path / "grid.png"))
+    assert pixels.shape == (round(100 * (2.4 * 2 + 0.4)), round(100 * 2.4 * 4), 3)
+
+    def is_red(part):
+        return (part[..., 0] > 200) & (part[..., 1] < 60) & (part[..., 2] < 60)
+
+    def is_blue(part):
+        return (part[..., 2] > 200) & (part[..., 0] < 60) & (part[..., 1] < 60)
+
+    red_columns, blue_columns = np.nonzero(is_red(pixels).any(0))[0], np.nonzero(is_blue(pixels).any(0))[0]
+    assert red_columns.max() < blue_columns.min()  # every base image left of every adapter image
+    assert is_red(pixels).mean() > 0.3 and is_blue(pixels).mean() > 0.3
+
+
+def test_loss_history_survives_a_resume(tmp_path):
+    history = LossHistory(tmp_path / "logs" / "loss.csv")
+    for step in range(1, 11):
+        history.append(step, 1.0 / step)
+    resumed = LossHistory(tmp_path / "logs" / "loss.csv", resume_step=5)  # steps 6-10 run again
+    assert [step for step, _ in resumed.read()] == [1, 2, 3, 4, 5]
+    resumed.append(6, 0.5)
+    assert resumed.read()[-1] == (6, 0.5) and resumed.read()[1] == (2, 0.5)

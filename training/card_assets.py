@@ -1,0 +1,220 @@
+"""What a trained adapter's model card shows: the rank schedule over the sampler's steps, a base-vs-adapter grid of
+the validation prompts, the training loss curve, and the usage and file sections that say how to load it.
+
+The schedule plot shows the ranks the adapter actually uses at inference with the card's sampling settings: the
+base model's scheduler is set up for that many steps as its pipeline would (for FLUX, with the resolution-dependent
+shift) and each of its timesteps goes through the adapter's r(t). Scheduler timesteps are already in the
+schedule's units (FLUX's flow-matching timesteps are 1000 sigma), so no family-specific scale applies here.
+
+Figures are drawn on `matplotlib.figure.Figure` objects, not through pyplot, so no global backend or figure state
+is touched inside a training run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+import pipelines.tlora as tl
+from pipelines.tlora.file_format import write_atomically
+
+SCHEDULE_PLOT = "rank_schedule.png"
+VALIDATION_GRID = "validation_grid.png"
+LOSS_CURVE = "loss_curve.png"
+LOSS_HISTORY = "loss.csv"
+# FLUX pipelines pack 2 x 2 latent patches; the VAE downsamples 8 x
+FLUX_PIXELS_PER_TOKEN = 16
+
+
+def sampler_timesteps(scheduler, num_inference_steps: int, resolution: int = 1024) -> list[float]:
+    """The timesteps a pipeline hands its denoiser when sampling `num_inference_steps` steps with `scheduler`.
+
+    A copy of `scheduler` is set up, so the caller's keeps its state. Flow-matching schedulers with dynamic
+    shifting (FLUX) get the sigmas and the shift `mu` that FluxPipeline computes for a `resolution` square image.
+    """
+    scheduler = type(scheduler).from_config(scheduler.config)
+    if scheduler.config.get("use_dynamic_shifting", False):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = scheduler.config
+        image_seq_len = (resolution // FLUX_PIXELS_PER_TOKEN) ** 2
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+    else:
+        scheduler.set_timesteps(num_inference_steps)
+    return [float(t) for t in scheduler.timesteps]
+
+
+def ranks_at(config: tl.TLoraConfig, timesteps: list[float]) -> list[int]:
+    ranks = tl.rank_schedule(
+        timesteps, config.rank, config.min_rank, config.num_train_timesteps, config.schedule_exponent
+    )
+    return [int(rank) for rank in ranks]
+
+
+def _save_figure(figure: Figure, path: Path) -> Path:
+    return write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+
+
+def plot_rank_schedule(
+    config: tl.TLoraConfig, timesteps: list[float], path: str | os.PathLike, sampler: str = "sampler"
+) -> Path:
+    """Bar chart of the active rank at each sampling step, labelled with the step's timestep."""
+    ranks = ranks_at(config, timesteps)
+    steps = np.arange(1, len(timesteps) + 1)
+    figure = Figure(figsize=(8, 3.6), layout="constrained")
+    axes = figure.add_subplot()
+    axes.bar(steps, ranks, color="#4c72b0", width=0.8)
+    axes.axhline(config.rank, color="#55a868", linestyle="--", linewidth=1, label=f"rank R = {config.rank}")
+    axes.axhline(config.min_rank, color="#c44e52", linestyle=":", linewidth=1, label=f"min rank = {config.min_rank}")
+    shown = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
+    axes.set_xticks(steps[shown], [f"{steps[i]}\nt={timesteps[i]:.0f}" for i in shown])
+    axes.set_xlabel("sampling step (timestep t)")
+    axes.set_ylabel("active rank components")
+    axes.set_ylim(0, config.rank * 1.12)
+    axes.set_title(f"T-LoRA rank per step: {sampler}, {len(steps)} steps (r(t) exponent {config.schedule_exponent:g})")
+    axes.legend(loc="lower right", fontsize="small")
+    return _save_figure(figure, Path(path))
+
+
+def validation_grid(rows: list[tuple[str, list[Image.Image], list[Image.Image]]], path: str | os.PathLike) -> Path:
+    """One image: a row per prompt, its base-model images on the left and the adapter's on the right."""
+    if not rows:
+        raise ValueError("A validation grid needs at least one prompt.")
+    per_side = max(len(base) for _, base, _ in rows)
+    columns = 2 * per_side
+    cell = 2.4
+    figure = Figure(figsize=(cell * columns, cell * len(rows) + 0.4), layout="constrained")
+    grid = figure.subplots(len(rows), columns, squeeze=False)
+    for row, (prompt, base, adapted) in enumerate(rows):
+        for column, image in enumerate([*base, *adapted]):
+            axes = grid[row][column if column < len(base) else per_side + column - len(base)]
+            axes.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+        for axes in grid[row]:
+            axes.set_xticks([])
+            axes.set_yticks([])
+            for spine in axes.spines.values():
+                spine.set_visible(False)
+        grid[row][0].set_ylabel("\n".join(textwrap.wrap(prompt, 28)), fontsize="small")
+    for column in range(columns):
+        grid[0][column].set_title("base model" if column < per_side else "with T-LoRA", fontsize="medium")
+    return _save_figure(figure, Path(path))
+
+
+class LossHistory:
+    """The loss of every optimizer step, in `loss.csv` (step, loss), kept across resumed runs.
+
+    A run resumed from step N drops the rows after N (the steps it runs again) when it opens the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume_step: int = 0):
+        self.path = Path(path)
+        kept = [(step, loss) for step, loss in self.read() if step <= resume_step]
+        write_atomically(self.path, lambda temporary: self._write(temporary, kept))
+
+    @staticmethod
+    def _write(path: Path, rows) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("step", "loss"))
+            writer.writerows(rows)
+
+    def read(self) -> list[tuple[int, float]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as handle:
+            return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+
+    def append(self, step: int, loss: float) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow((step, f"{loss:.6g}"))
+
+
+def plot_loss(history: list[tuple[int, float]], path: str | os.PathLike) -> Path:
+    """The per-step loss (faint) and its moving average over about a twentieth of the run."""
+    if not history:
+        raise ValueError("No loss values to plot.")
+    steps = np.array([step for step, _ in history])
+    losses = np.array([loss for _, loss in history])
+    window = max(1, len(losses) // 20)
+    smoothed = np.convolve(losses, np.ones(window) / window, mode="valid")
+    figure = Figure(figsize=(8, 3.6), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(steps, losses, color="#4c72b0", alpha=0.3, linewidth=0.8, label="loss per step")
+    axes.plot(steps[window - 1 :], smoothed, color="#4c72b0", linewidth=2, label=f"moving average ({window} steps)")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("diffusion loss")
+    axes.set_title("Training loss")
+    axes.legend(loc="upper right", fontsize="small")
+    return _save_figure(figure, Path(path))
+
+
+# --------------------------------------------------------------------------- card sections
+
+
+def usage_section(
+    base_model: str, adapter: str, prompt: str, num_inference_steps: int, guidance_scale: float, has_loader_files: bool
+) -> str:
+    """Markdown: loading with diffusers alone (when the loader files are there), then with this project."""
+    call = f"image = pipe({prompt!r}, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}).images[0]"
+    project = f"""With the project that trained it installed, its `pipelines.tlora` package adds `load_tlora_weights` to
+diffusers' pipelines:
+
+```python
+import torch
+from diffusers import AutoPipelineForText2Image
+
+import pipelines.tlora  # adds load_tlora_weights to the pipelines
+
+pipe = AutoPipelineForText2Image.from_pretrained({base_model!r}, torch_dtype=torch.float16).to("cuda")
+pipe.load_tlora_weights({adapter!r})
+{call}
+```
+"""
+    if not has_loader_files:
+        return f"""The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA. This folder has no loader files
+(`pipeline.py`, `tlora_*.py`); `python scripts/convert_tlora.py loader-files FOLDER` of the project writes them,
+so that diffusers alone can load it.
+
+{project}"""
+    return f"""The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA; the loader files next to it
+(`pipeline.py`, `tlora_*.py`) let diffusers alone load it. Nothing else to install:
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained(
+    {base_model!r}, custom_pipeline={adapter!r}, trust_remote_code=True, torch_dtype=torch.float16
+).to("cuda")
+pipe.load_tlora_weights({adapter!r})
+{call}
+```
+
+`trust_remote_code=True` runs this repository's `pipeline.py` and `tlora_*.py`: read them first.
+
+{project}"""
+
+
+def files_section(files: dict[str, str]) -> str:
+    """Markdown table: which file is for which tool."""
+    rows = "\n".join(f"| `{name}` | {purpose} |" for name, purpose in files.items())
+    return f"| file | for |\n|---|---|\n{rows}\n"
+
+
+def images_section(assets: dict[str, str]) -> str:
+    """Markdown images, `{caption: relative path}`."""
+    return "\n\n".join(f"**{caption}**\n\n![{caption}]({path})" for caption, path in assets.items())
