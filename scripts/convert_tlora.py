@@ -11,7 +11,7 @@ Usage::
         [--for comfyui|a1111|kohya|diffusers] [--overwrite]
     python scripts/convert_tlora.py export-comfyui IN OUT [--loader tlora-node|stock] [--overwrite]
     python scripts/convert_tlora.py inspect FILE [--hparams PATH]
-    python scripts/convert_tlora.py loader-files ADAPTER_DIR [--family sd|sdxl] [--overwrite]
+    python scripts/convert_tlora.py loader-files ADAPTER_DIR [--family sd|sdxl|flux|sd3] [--overwrite]
 
 IN is a `pytorch_tlora_weights.safetensors` file or a folder holding one. Both of the authors' layouts are known:
 SD-XL (`checkpoint-N/pytorch_lora_weights.safetensors`) and FLUX.1 (`checkpoint-N/lora.pt`, a torch pickle read

@@ -159,6 +159,16 @@ def test_loader_files_keep_files_they_did_not_write(tmp_path, capsys):
     assert "holds no pytorch_tlora_weights.safetensors" in capsys.readouterr().err
 
 
-def test_families_without_a_pipeline_loader_are_refused():
-    with pytest.raises(ValueError, match="FLUX.1 adapters are not available yet"):
-        loader_files("flux")
+@pytest.mark.parametrize(
+    "family, stock",
+    [
+        ("sd", "StableDiffusionPipeline"),
+        ("sdxl", "StableDiffusionXLPipeline"),
+        ("flux", "FluxPipeline"),
+        ("sd3", "StableDiffusion3Pipeline"),
+    ],
+)
+def test_each_family_gets_its_stock_pipeline(family, stock):
+    pipeline = loader_files(family)["pipeline.py"]
+    assert f"from diffusers import {stock}\n" in pipeline
+    assert f"class TLora{stock}(TLoraLoaderMixin, {stock}):" in pipeline

@@ -23,6 +23,8 @@ import os
 import re
 from pathlib import Path
 
+import diffusers
+
 from .families import SDXL, get_family
 from .file_format import write_atomically
 from .version import __version__
@@ -131,11 +133,9 @@ class {name}(TLoraLoaderMixin, {stock}):
 def loader_files(family_name: str = SDXL.name) -> dict[str, str]:
     """{file name: text} of the loader files for an adapter of `family_name`."""
     family = get_family(family_name)
-    if family.denoiser_attribute != "unet":
-        raise LoaderFilesError(
-            f"Loader files for {family.display_name} adapters are not available yet: the pipeline loader of this "
-            "version adapts UNet pipelines only."
-        )
+    stock, _ = pipeline_class_name(family.name)
+    if not hasattr(diffusers, stock):
+        raise LoaderFilesError(f"The installed diffusers {diffusers.__version__} has no {stock} for {family.display_name}.")
     modules = runtime_modules()
     files = {f"{MODULE_PREFIX}{module}.py": generated_module_text(module) for module in modules}
     files[PIPELINE_FILE] = pipeline_text(family.name, modules)
