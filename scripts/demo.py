@@ -97,9 +97,9 @@ def compare(model: Path, adapter_dir: Path, size: str) -> Path:
     """Base vs T-LoRA through a stock pipeline; returns the grid's path."""
     import numpy as np
     from diffusers import StableDiffusionXLPipeline
-    from PIL import Image, ImageDraw
 
     import pipelines.tlora  # noqa: F401  (adds load_tlora_weights to the SD-XL pipelines)
+    from training.card_assets import validation_grid
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -110,19 +110,8 @@ def compare(model: Path, adapter_dir: Path, size: str) -> Path:
     for prompt, before, after in zip(PROMPTS, base, tuned, strict=True):
         change = np.abs(np.asarray(before, dtype=np.float32) - np.asarray(after, dtype=np.float32)).mean()
         print(f"  {prompt!r}: mean pixel change from the adapter {change:.1f} / 255")
-
-    # Show small images at least 256 px wide, without smoothing the pixels, under a header naming the columns.
-    cell, header = max(RESOLUTION[size], 256), 24
-    grid = Image.new("RGB", (2 * cell, header + len(PROMPTS) * cell), "white")
-    draw = ImageDraw.Draw(grid)
-    for column, label in enumerate(("base model", "with T-LoRA")):
-        draw.text((column * cell + 8, 6), label, fill="black")
-    for row, (before, after) in enumerate(zip(base, tuned, strict=True)):
-        for column, image in enumerate((before, after)):
-            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (column * cell, header + row * cell))
-    path = DEMO_DIR / "grid.png"
-    grid.save(path)
-    return path
+    rows = [(prompt, [before], [after]) for prompt, before, after in zip(PROMPTS, base, tuned, strict=True)]
+    return validation_grid(rows, DEMO_DIR / "grid.png")
 
 
 def main(argv=None) -> int:
