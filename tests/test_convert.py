@@ -168,6 +168,20 @@ def import_checkpoint(tmp_path, attention_shapes, variant, capsys, **hparam_chan
     return out
 
 
+def add_scaled_tlora(unet, variant: str, seed: int) -> tl.TLoraConfig:
+    """A random adapter with the test schedule and scale 0.5, which exports to scale-1 layouts fold in."""
+    return add_random_tlora(
+        unet,
+        seed=seed,
+        rank=RANK,
+        min_rank=MIN_RANK,
+        variant=variant,
+        schedule_exponent=EXPONENT,
+        lora_alpha=4.0,
+        init="normal" if variant == "vanilla" else "random-last",
+    )
+
+
 # -------------------------------------------------------------------------------------------------------------
 # import-official
 
@@ -348,16 +362,7 @@ def test_export_official_hparams_hold_what_the_authors_inference_reads(attention
     ],
 )
 def test_export_lora_equals_the_tlora_at_its_timestep(tiny_pipe, tmp_path, capsys, variant, tool, freeze, timestep):
-    config = add_random_tlora(
-        tiny_pipe.unet,
-        seed=5,
-        rank=RANK,
-        min_rank=MIN_RANK,
-        variant=variant,
-        schedule_exponent=EXPONENT,
-        lora_alpha=4.0,  # scale 0.5, which the export folds into the up factors
-        init="normal" if variant == "vanilla" else "random-last",
-    )
+    config = add_scaled_tlora(tiny_pipe.unet, variant, seed=5)
     tiny_pipe.save_tlora_weights(tmp_path / "tlora", tl.get_tlora_state_dict(tiny_pipe), config)
     expected = unet_output(tiny_pipe.unet, timestep)
     other_timestep = 0 if authors_rank(timestep) < RANK else 999
@@ -455,16 +460,7 @@ def test_comfyui_node_export_reproduces_the_tlora(
 ):
     from diffusers import UNet2DConditionModel
 
-    config = add_random_tlora(
-        tiny_pipe.unet,
-        seed=7,
-        rank=RANK,
-        min_rank=MIN_RANK,
-        variant=variant,
-        schedule_exponent=EXPONENT,
-        lora_alpha=4.0,  # scale 0.5: the node applies scale 1, so the export folds it in
-        init="normal" if variant == "vanilla" else "random-last",
-    )
+    config = add_scaled_tlora(tiny_pipe.unet, variant, seed=7)
     tiny_pipe.save_tlora_weights(tmp_path / "dog", tl.get_tlora_state_dict(tiny_pipe), config)
     expected = {t: unet_output(tiny_pipe.unet, t) for t in (0, 450, 999)}
 
