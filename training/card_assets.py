@@ -133,9 +133,13 @@ class LossHistory:
             writer.writerows(rows)
 
     def read(self) -> list[tuple[int, float]]:
-        if not self.path.is_file():
+        return self.read_file(self.path)
+
+    @staticmethod
+    def read_file(path: Path) -> list[tuple[int, float]]:
+        if not path.is_file():
             return []
-        with open(self.path, newline="") as handle:
+        with open(path, newline="") as handle:
             return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
 
     def append(self, step: int, loss: float) -> None:
@@ -160,6 +164,43 @@ def plot_loss(history: list[tuple[int, float]], path: str | os.PathLike) -> Path
     axes.set_title("Training loss")
     axes.legend(loc="upper right", fontsize="small")
     return _save_figure(figure, Path(path))
+
+
+# --------------------------------------------------------------------------- at the end of training
+
+
+def base_model_images(pipeline, validation_embeddings: list[dict], args, accelerator, seed: int, *, generate):
+    """The validation prompts sampled with every adapter switched off (scale 0), with the validation seeds, for
+    the base column of the grid; `generate` is the family script's sampler, as in `run_validation`."""
+    seeds = [seed + j for j in range(args.num_validation_images)]
+    pipeline.set_tlora_scale(0.0)
+    try:
+        return [[generate(pipeline, embeddings, [one], args, accelerator)[0] for one in seeds] for embeddings in validation_embeddings]
+    finally:
+        pipeline.set_tlora_scale(1.0)
+
+
+def write_card_assets(
+    args, config: tl.TLoraConfig, scheduler, validation_rows: list[tuple[str, list, list]]
+) -> dict[str, str]:
+    """Write the schedule plot, the validation grid (when there are validation prompts) and the loss curve (when
+    steps were logged) into --output_dir; returns `{caption: path relative to --output_dir}` for the card."""
+    output_dir = Path(args.output_dir)
+    timesteps = sampler_timesteps(scheduler, args.num_inference_steps, args.resolution)
+    sampler = f"{type(scheduler).__name__}, {args.num_inference_steps} steps"
+    written = {
+        f"Active rank at each sampling step ({sampler})": plot_rank_schedule(
+            config, timesteps, output_dir / SCHEDULE_PLOT, type(scheduler).__name__
+        )
+    }
+    if validation_rows:
+        written["Validation prompts: base model (left) and with this adapter (right)"] = validation_grid(
+            validation_rows, output_dir / VALIDATION_GRID
+        )
+    history = LossHistory.read_file(output_dir / args.logging_dir / LOSS_HISTORY)
+    if history:
+        written["Training loss"] = plot_loss(history, output_dir / LOSS_CURVE)
+    return {caption: path.relative_to(output_dir).as_posix() for caption, path in written.items()}
 
 
 # --------------------------------------------------------------------------- card sections
