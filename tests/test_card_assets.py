@@ -94,6 +94,33 @@ def test_validation_grid_puts_base_left_and_adapter_right(tmp_path):
     assert is_red(pixels).mean() > 0.3 and is_blue(pixels).mean() > 0.3
 
 
+def test_tool_files_say_which_file_is_for_which_tool(tiny_pipe, tmp_path):
+    from safetensors import safe_open
+
+    from tests.tlora_testing import add_random_tlora
+    from training.tool_exports import write_tool_files
+
+    config = add_random_tlora(tiny_pipe.unet, rank=8, min_rank=4, model_family="sdxl")
+    output_dir = tmp_path / "tlora-dog"
+    tiny_pipe.save_tlora_weights(output_dir, tl.get_tlora_state_dict(tiny_pipe), config)
+
+    files = write_tool_files(output_dir, "sdxl", with_exports=False)
+    assert list(files) == ["pytorch_tlora_weights.safetensors", "pipeline.py, tlora_*.py"]
+    assert (output_dir / "pipeline.py").is_file() and (output_dir / "tlora_loader.py").is_file()
+
+    files = write_tool_files(output_dir, "sdxl", with_exports=True)
+    node, static = "tlora-dog_tlora-node_ortho_r8-min4.safetensors", "tlora-dog_lora-rank16.safetensors"
+    assert list(files)[2:] == [node, static]
+    assert "ComfyUI-T-LoRA" in files[node] and "min_rank 4" in files[node]
+    assert "LoraLoader, A1111" in files[static] and "exact at timestep 0 only" in files[static]
+    with safe_open(str(output_dir / static), framework="pt") as handle:
+        assert all(key.startswith("lora_unet_") for key in handle.keys())
+    # the T-LoRA file is still the one the loader finds in the folder
+    tl.remove_tlora(tiny_pipe.unet)
+    tiny_pipe.load_tlora_weights(output_dir)
+    assert tl.get_tlora_config(tiny_pipe).rank == 8
+
+
 def test_loss_history_survives_a_resume(tmp_path):
     history = LossHistory(tmp_path / "logs" / "loss.csv")
     for step in range(1, 11):
