@@ -16,6 +16,7 @@ from training.card_assets import (
     plot_loss,
     plot_rank_schedule,
     ranks_at,
+    read_loss_history,
     sampler_timesteps,
     validation_grid,
 )
@@ -122,10 +123,26 @@ def test_tool_files_say_which_file_is_for_which_tool(tiny_pipe, tmp_path):
 
 
 def test_loss_history_survives_a_resume(tmp_path):
-    history = LossHistory(tmp_path / "logs" / "loss.csv")
+    path = tmp_path / "logs" / "loss.csv"
+    history = LossHistory(path)
     for step in range(1, 11):
-        history.append(step, 1.0 / step)
-    resumed = LossHistory(tmp_path / "logs" / "loss.csv", resume_step=5)  # steps 6-10 run again
-    assert [step for step, _ in resumed.read()] == [1, 2, 3, 4, 5]
-    resumed.append(6, 0.5)
-    assert resumed.read()[-1] == (6, 0.5) and resumed.read()[1] == (2, 0.5)
+        history.log({"loss": 1.0 / step, "lr": 1e-4}, step=step)
+    history.log({"lr": 1e-4}, step=11)  # other values are not the loss
+    assert [step for step, _ in read_loss_history(path)] == list(range(1, 11))
+
+    resumed = LossHistory(path)  # a run resumed from checkpoint-5 computes steps 6-10 again
+    resumed.log({"loss": 0.25}, step=6)
+    resumed.log({"loss": 0.2}, step=7)
+    assert [step for step, _ in read_loss_history(path)] == [1, 2, 3, 4, 5, 6, 7]
+    assert read_loss_history(path)[-2:] == [(6, 0.25), (7, 0.2)]
+
+
+def test_loss_history_records_what_accelerate_logs(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, log_with=[LossHistory(tmp_path / "loss.csv")])
+    accelerator.init_trackers("test")
+    for step in (1, 2, 3):
+        accelerator.log({"loss": step / 10, "lr": 0.1}, step=step)
+    accelerator.end_training()
+    assert read_loss_history(tmp_path / "loss.csv") == [(1, 0.1), (2, 0.2), (3, 0.3)]

@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+from accelerate.tracking import GeneralTracker
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -114,37 +115,54 @@ def validation_grid(rows: list[tuple[str, list[Image.Image], list[Image.Image]]]
     return _save_figure(figure, Path(path))
 
 
-class LossHistory:
-    """The loss of every optimizer step, in `loss.csv` (step, loss), kept across resumed runs.
+class LossHistory(GeneralTracker):
+    """An accelerate tracker that keeps the loss of every optimizer step in `loss.csv` (step, loss), across resumed
+    runs, for the card's loss curve whatever --report_to says.
 
-    A run resumed from step N drops the rows after N (the steps it runs again) when it opens the file.
+    The first step a run logs decides what is kept: rows from that step on were written by an earlier run that
+    this one (resumed from a checkpoint before them) computes again.
     """
 
-    def __init__(self, path: str | os.PathLike, resume_step: int = 0):
+    name = "loss_history"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
         self.path = Path(path)
-        kept = [(step, loss) for step, loss in self.read() if step <= resume_step]
-        write_atomically(self.path, lambda temporary: self._write(temporary, kept))
+        self._continuing = False
 
-    @staticmethod
-    def _write(path: Path, rows) -> None:
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(("step", "loss"))
-            writer.writerows(rows)
+    @property
+    def tracker(self) -> Path:
+        return self.path
 
-    def read(self) -> list[tuple[int, float]]:
-        return self.read_file(self.path)
+    def store_init_configuration(self, values: dict) -> None:
+        """Nothing to store: only the loss is recorded."""
 
-    @staticmethod
-    def read_file(path: Path) -> list[tuple[int, float]]:
-        if not path.is_file():
-            return []
-        with open(path, newline="") as handle:
-            return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
-
-    def append(self, step: int, loss: float) -> None:
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        if "loss" not in values or step is None:
+            return
+        if not self._continuing:
+            kept = [(earlier, loss) for earlier, loss in read_loss_history(self.path) if earlier < step]
+            write_atomically(self.path, lambda temporary: _write_rows(temporary, kept))
+            self._continuing = True
         with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow((step, f"{loss:.6g}"))
+            csv.writer(handle).writerow((step, f"{float(values['loss']):.6g}"))
+
+
+def _write_rows(path: Path, rows) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("step", "loss"))
+        writer.writerows(rows)
+
+
+def read_loss_history(path: str | os.PathLike) -> list[tuple[int, float]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
 
 
 def plot_loss(history: list[tuple[int, float]], path: str | os.PathLike) -> Path:
@@ -197,7 +215,7 @@ def write_card_assets(
         written["Validation prompts: base model (left) and with this adapter (right)"] = validation_grid(
             validation_rows, output_dir / VALIDATION_GRID
         )
-    history = LossHistory.read_file(output_dir / args.logging_dir / LOSS_HISTORY)
+    history = read_loss_history(output_dir / args.logging_dir / LOSS_HISTORY)
     if history:
         written["Training loss"] = plot_loss(history, output_dir / LOSS_CURVE)
     return {caption: path.relative_to(output_dir).as_posix() for caption, path in written.items()}
