@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument(
         "--placeholder-token",
         default=DEFAULT_PLACEHOLDER_TOKEN,
-        help=f"the concept's token, written to hparams.yml for the authors' prompts (default {DEFAULT_PLACEHOLDER_TOKEN!r})",
+        help="the concept's token, written to hparams.yml for the authors' prompts "
+        f"(default {DEFAULT_PLACEHOLDER_TOKEN!r})",
     )
     exporter.add_argument(
         "--class-name",

@@ -141,7 +141,8 @@ def test_adapter_of_another_format_names_both_versions(tiny_pipe, tmp_path):
         tiny_pipe.load_tlora_weights(tmp_path)
     message = str(error.value)
     assert "format_version 2" in message
-    assert "written by pipelines.tlora 9.9.9" in message and f"this loader is pipelines.tlora {tl.__version__}" in message
+    assert "written by pipelines.tlora 9.9.9" in message
+    assert f"this loader is pipelines.tlora {tl.__version__}" in message
 
 
 def test_loader_files_keep_files_they_did_not_write(tmp_path, capsys):

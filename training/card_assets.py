@@ -193,7 +193,10 @@ def base_model_images(pipeline, validation_embeddings: list[dict], args, acceler
     seeds = [seed + j for j in range(args.num_validation_images)]
     pipeline.set_tlora_scale(0.0)
     try:
-        return [[generate(pipeline, embeddings, [one], args, accelerator)[0] for one in seeds] for embeddings in validation_embeddings]
+        return [
+            [generate(pipeline, embeddings, [one], args, accelerator)[0] for one in seeds]
+            for embeddings in validation_embeddings
+        ]
     finally:
         pipeline.set_tlora_scale(1.0)
 
@@ -228,7 +231,8 @@ def usage_section(
     base_model: str, adapter: str, prompt: str, num_inference_steps: int, guidance_scale: float, has_loader_files: bool
 ) -> str:
     """Markdown: loading with diffusers alone (when the loader files are there), then with this project."""
-    call = f"image = pipe({prompt!r}, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}).images[0]"
+    sampling = f"num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}"
+    call = f"image = pipe({prompt!r}, {sampling}).images[0]"
     project = f"""With the project that trained it installed, its `pipelines.tlora` package adds `load_tlora_weights` to
 diffusers' pipelines:
 
@@ -244,9 +248,9 @@ pipe.load_tlora_weights({adapter!r})
 ```
 """
     if not has_loader_files:
-        return f"""The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA. This folder has no loader files
-(`pipeline.py`, `tlora_*.py`); `python scripts/convert_tlora.py loader-files FOLDER` of the project writes them,
-so that diffusers alone can load it.
+        return f"""The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA. This folder has no loader
+files (`pipeline.py`, `tlora_*.py`); `python scripts/convert_tlora.py loader-files FOLDER` of the project writes
+them, so that diffusers alone can load it.
 
 {project}"""
     return f"""The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA; the loader files next to it

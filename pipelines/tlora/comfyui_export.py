@@ -47,7 +47,9 @@ def node_settings(config: TLoraConfig) -> dict:
     if config.rank > NODE_RANK_LIMIT:
         problems.append(f"rank {config.rank} exceeds the node's max_rank limit {NODE_RANK_LIMIT}")
     if not low <= config.schedule_exponent <= high:
-        problems.append(f"schedule exponent {config.schedule_exponent:g} is outside the node's alpha range {low}..{high}")
+        problems.append(
+            f"schedule exponent {config.schedule_exponent:g} is outside the node's alpha range {low}..{high}"
+        )
     if config.num_train_timesteps > NODE_TIMESTEP_LIMIT:
         problems.append(f"T = {config.num_train_timesteps} exceeds the node's max_timestep limit {NODE_TIMESTEP_LIMIT}")
     if problems:
@@ -86,6 +88,6 @@ def check_loader(loader: str, config: TLoraConfig) -> list[str]:
             "(--loader tlora-node), or freeze a standard LoRA for the stock loader with `export-lora --for comfyui`."
         )
     return [
-        f"ComfyUI's stock LoraLoader reads this file as a standard LoRA without masks. {describe_export(config, config.rank)}"
-        f" For the timestep masks, load it with the {NODE_TITLE!r} node."
+        "ComfyUI's stock LoraLoader reads this file as a standard LoRA without masks. "
+        f"{describe_export(config, config.rank)} For the timestep masks, load it with the {NODE_TITLE!r} node."
     ]

@@ -463,7 +463,8 @@ def export_lora(
         rank = config.rank
     lora_format = TOOL_FORMATS[tool]
     lora_rank = rank if config.variant == "vanilla" else 2 * rank
-    name = LORA_WEIGHT_NAME if lora_format == "diffusers" else f"{adapter_name(source)}_lora-rank{lora_rank}.safetensors"
+    tool_name = f"{adapter_name(source)}_lora-rank{lora_rank}.safetensors"
+    name = LORA_WEIGHT_NAME if lora_format == "diffusers" else tool_name
     target = _export_target(Path(out), name)
     _check_free([target], overwrite)
     tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), lora_format, family_of_config(config))

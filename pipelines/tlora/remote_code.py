@@ -102,7 +102,8 @@ def pipeline_text(family_name: str, modules: list[str]) -> str:
         for module in modules
         if module not in ("loader", "version")
     )
-    return f'''{_header("pipelines/tlora/remote_code.py")}"""{family.display_name} with T-LoRA: `{stock}` plus `load_tlora_weights` and friends.
+    title = f"{family.display_name} with T-LoRA: `{stock}` plus `load_tlora_weights` and friends."
+    return f'''{_header("pipelines/tlora/remote_code.py")}"""{title}
 
 Load it with nothing but diffusers installed:
 
@@ -135,7 +136,9 @@ def loader_files(family_name: str = SDXL.name) -> dict[str, str]:
     family = get_family(family_name)
     stock, _ = pipeline_class_name(family.name)
     if not hasattr(diffusers, stock):
-        raise LoaderFilesError(f"The installed diffusers {diffusers.__version__} has no {stock} for {family.display_name}.")
+        raise LoaderFilesError(
+            f"The installed diffusers {diffusers.__version__} has no {stock} for {family.display_name}."
+        )
     modules = runtime_modules()
     files = {f"{MODULE_PREFIX}{module}.py": generated_module_text(module) for module in modules}
     files[PIPELINE_FILE] = pipeline_text(family.name, modules)
@@ -168,4 +171,6 @@ def write_loader_files(
         raise FileExistsError(
             f"{', '.join(foreign)} exist and were not written by pipelines.tlora; pass --overwrite to replace them."
         )
-    return [write_atomically(folder / name, lambda path, text=text: path.write_text(text)) for name, text in files.items()]
+    return [
+        write_atomically(folder / name, lambda path, text=text: path.write_text(text)) for name, text in files.items()
+    ]
