@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 import pipelines.tlora as tl
-from scripts.make_tiny_sdxl import SCHEDULER_CONFIG
+from scripts.make_tiny_pipeline import build_scheduler
 from training.card_assets import (
     LossHistory,
     plot_loss,
@@ -38,7 +38,7 @@ def paper_rank(t: float, rank: int, min_rank: int, exponent: float = 1.0, total:
 
 
 def test_sdxl_euler_steps_and_their_ranks():
-    scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    scheduler = build_scheduler("sdxl")
     timesteps = sampler_timesteps(scheduler, 25)
     # "leading" spacing with steps_offset 1: every 40th training timestep, from 961 down to 1
     assert timesteps == [float(1 + 40 * i) for i in reversed(range(25))]
@@ -67,7 +67,7 @@ def _png(path) -> np.ndarray:
 
 def test_plots_are_written(tmp_path):
     config = tl.TLoraConfig(rank=8, min_rank=4)
-    timesteps = sampler_timesteps(EulerDiscreteScheduler(**SCHEDULER_CONFIG), 10)
+    timesteps = sampler_timesteps(build_scheduler("sdxl"), 10)
     pixels = _png(plot_rank_schedule(config, timesteps, tmp_path / "schedule.png", "Euler"))
     assert pixels.shape == (360, 800, 3) and pixels.std() > 10
 

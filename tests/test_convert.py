@@ -416,7 +416,7 @@ def test_kohya_names_cover_the_full_sdxl_unet():
     from diffusers import UNet2DConditionModel
 
     from pipelines.tlora.lora_export import kohya_state_dict
-    from scripts.benchmark import SDXL_BASE_UNET_CONFIG
+    from scripts.make_tiny_pipeline import SDXL_BASE_UNET_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_BASE_UNET_CONFIG)

@@ -14,12 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import pipelines.tlora as tl
+from pipelines.tlora.families import denoiser_of
 from pipelines.tlora.remote_code import loader_files, write_loader_files
 from scripts.convert_tlora import main
 from tests.tlora_testing import add_random_tlora, generate
@@ -35,11 +37,13 @@ try:
     raise SystemExit("`import pipelines` must fail in this process")
 except ModuleNotFoundError:
     pass
+import json
+
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-base, adapter, out = sys.argv[1:4]
+base, adapter, out, call = sys.argv[1:5]
 try:
     DiffusionPipeline.from_pretrained(base, custom_pipeline=adapter)
     raise SystemExit("loading custom code without trust_remote_code=True must be refused")
@@ -50,7 +54,8 @@ pipe = DiffusionPipeline.from_pretrained(base, custom_pipeline=adapter, trust_re
 pipe.set_progress_bar_config(disable=True)
 pipe.load_tlora_weights(adapter)
 Path(out, "class.txt").write_text(type(pipe).__name__)
-images = pipe("a photo of sks dog", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+generator = torch.Generator().manual_seed(0)
+images = pipe("a photo of sks dog", num_inference_steps=3, generator=generator, output_type="np", **json.loads(call))
 np.save(Path(out, "images.npy"), images.images)
 
 # loader files of two versions side by side are refused, naming both
@@ -95,21 +100,35 @@ def test_loader_files_are_the_package_modules_renamed():
     assert len(re.findall(r"^class ", pipeline, flags=re.MULTILINE)) == 1
 
 
-def test_zero_install_loading_equals_the_plugin(tiny_pipe, tiny_sdxl_dir, tmp_path):
-    config = add_random_tlora(tiny_pipe.unet, seed=11, rank=8, min_rank=3)
+# family -> (stock pipeline, keyword arguments of the pipeline call for its tiny fixture)
+FAMILY_CALLS = {
+    "sdxl": ("StableDiffusionXLPipeline", {}),
+    "sd": ("StableDiffusionPipeline", {}),
+    "flux": ("FluxPipeline", {"height": 32, "width": 32, "max_sequence_length": 16}),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CALLS))
+def test_zero_install_loading_equals_the_plugin(request, tmp_path, family):
+    stock, call = FAMILY_CALLS[family]
+    fixture = request.getfixturevalue(f"tiny_{family}_dir")
+    pipe = getattr(diffusers, stock).from_pretrained(fixture)
+    pipe.set_progress_bar_config(disable=True)
+    denoiser, _ = denoiser_of(pipe)
+    config = add_random_tlora(denoiser, seed=11, rank=8, min_rank=3)
     adapter = tmp_path / "adapter"
-    tiny_pipe.save_tlora_weights(adapter, tl.get_tlora_state_dict(tiny_pipe), config)
-    tl.remove_tlora(tiny_pipe.unet)
+    tl.save_tlora_file(tl.get_tlora_state_dict(denoiser), config, adapter / tl.WEIGHT_NAME)
+    tl.remove_tlora(denoiser)
     assert main(["loader-files", str(adapter)]) == 0
-    tiny_pipe.load_tlora_weights(adapter)
-    expected = generate(tiny_pipe)
+    pipe.load_tlora_weights(adapter)
+    expected = generate(pipe, **call)
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env["HF_HOME"] = str(tmp_path / "hf-home")  # diffusers' dynamic-module cache lives there
     result = subprocess.run(
-        [sys.executable, "-I", "-c", ZERO_INSTALL_SCRIPT, str(tiny_sdxl_dir), str(adapter), str(outside)],
+        [sys.executable, "-I", "-c", ZERO_INSTALL_SCRIPT, str(fixture), str(adapter), str(outside), json.dumps(call)],
         cwd=outside,
         env=env,
         capture_output=True,
@@ -117,11 +136,11 @@ def test_zero_install_loading_equals_the_plugin(tiny_pipe, tiny_sdxl_dir, tmp_pa
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    assert (outside / "class.txt").read_text() == "TLoraStableDiffusionXLPipeline"
+    assert (outside / "class.txt").read_text() == f"TLora{stock}"
     images = np.load(outside / "images.npy")
     np.testing.assert_array_equal(images, expected)
-    tiny_pipe.unload_tlora_weights()
-    assert np.abs(generate(tiny_pipe) - images).max() > 1e-3  # the adapter did change the images
+    pipe.unload_tlora_weights()
+    assert np.abs(generate(pipe, **call) - images).max() > 1e-3  # the adapter did change the images
 
     assert "Pass `trust_remote_code=True`" in (outside / "refusal.txt").read_text()
     mixed = (outside / "mixed.txt").read_text()

@@ -509,7 +509,9 @@ def add_loader_files(
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise NotADirectoryError(f"{adapter_dir} is not a folder; give the folder that holds {WEIGHT_NAME}.")
-    _, config = read_adapter(adapter_dir)
+    if not (adapter_dir / WEIGHT_NAME).is_file():
+        raise TLoraFileError(f"{adapter_dir} holds no {WEIGHT_NAME}. {KNOWN_LAYOUTS}")
+    _, config = tlora_state_dict(adapter_dir)  # the file and its config, of any model family
     family = family or family_of_config(config)
     outputs = write_loader_files(adapter_dir, family, overwrite=overwrite)
     stock, _ = pipeline_class_name(family)
