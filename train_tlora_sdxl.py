@@ -50,6 +50,7 @@ from training.checkpoints import register_checkpoint_hooks, save_checkpoint
 from training.data import DreamBoothDataset, load_class_records, make_dataloader, training_prompts
 from training.errors import run_with_exit_codes
 from training.latents import batch_moments, denormalize_latents, latent_cache, sample_latents
+from training.card_assets import write_card_extras
 from training.model_card import CardFacts, write_model_card
 from training.optim import make_lr_scheduler, make_optimizer
 from training.run import check_inputs, make_accelerator, publish_and_report, resume, shared_seed, start_tracking
@@ -101,6 +102,12 @@ def parse_args(input_args=None):
     )
     groups["optimization"].add_argument(
         "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is common); off by default."
+    )
+    groups["hub"].add_argument(
+        "--export_for_tools",
+        action="store_true",
+        help="Also write, next to the adapter (and upload with --push_to_hub), the file ComfyUI's 'Load T-LoRA "
+        "(Bypass)' node loads and a standard LoRA at full rank in kohya's layout (ComfyUI LoraLoader, A1111, kohya).",
     )
     groups["system"].add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
@@ -308,7 +315,11 @@ def finish(args, accelerator, unet, models: Models, config, repo_id, step: int, 
             models.pipeline, models.validation_embeddings, args, accelerator, step, seed, generate=generate_images
         )
         written["Validation images"] = output_dir / "validation"
-    written["Model card"] = write_model_card(args, config, MODEL_CARD, validation_paths, repo_id, step)
+    extras = write_card_extras(
+        args, config, models.pipeline, models.validation_embeddings, validation_paths, accelerator, seed,
+        generate=generate_images,
+    )  # fmt: skip
+    written["Model card"] = write_model_card(args, config, MODEL_CARD, validation_paths, repo_id, step, extras=extras)
     return written
 
 

@@ -500,11 +500,20 @@ def test_ortho_run_writes_a_model_card(ortho_run, tiny_sdxl_dir):
     }
     assert card.data.instance_prompt == PROMPT
     assert "import pipelines.tlora" in card.text and "pipe.load_tlora_weights(" in card.text
+    # the zero-install snippet comes first, and the loader files it needs are there
+    zero_install = f"custom_pipeline={str(ortho_run.output.resolve())!r}, trust_remote_code=True"
+    assert zero_install in card.text and card.text.index(zero_install) < card.text.index("import pipelines.tlora")
+    assert (ortho_run.output / "pipeline.py").is_file() and (ortho_run.output / "tlora_loader.py").is_file()
+    assert "| `pytorch_tlora_weights.safetensors` |" in card.text
     assert str(tiny_sdxl_dir) in card.text and "| rank / min rank | 8 / 4 |" in card.text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.text)
-    assert links == ["validation/step-4/prompt-0_image-0.png", "validation/step-4/prompt-1_image-0.png"]
+    validation = ["validation/step-4/prompt-0_image-0.png", "validation/step-4/prompt-1_image-0.png"]
+    assert links == ["rank_schedule.png", "validation_grid.png", "loss_curve.png", *validation]
     assert all((ortho_run.output / link).is_file() for link in links)
-    assert [entry["output"]["url"] for entry in card.data.widget] == links
+    assert [entry["output"]["url"] for entry in card.data.widget] == validation
+    # the loss curve is drawn from every step's loss
+    assert (ortho_run.output / "logs" / "loss.csv").read_text().splitlines()[0] == "step,loss"
+    assert len((ortho_run.output / "logs" / "loss.csv").read_text().splitlines()) == 1 + 4
 
 
 def test_adapter_loads_into_a_fresh_stock_pipeline_and_changes_its_output(ortho_run, tiny_pipe):
@@ -626,16 +635,20 @@ def test_push_to_hub_uploads_the_result_without_checkpoints(tiny_sdxl_dir, tmp_p
     calls = fake_hub(monkeypatch)
     output = tmp_path / "my-toy"
     run_main(train, *base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "1", "--checkpointing_steps", "1",
-                        "--push_to_hub", "--hub_token", "hf_test", "--report_to", "tensorboard"))  # fmt: skip
+                        "--push_to_hub", "--hub_token", "hf_test", "--report_to", "tensorboard",
+                        "--export_for_tools"))  # fmt: skip
     assert calls["create"] == {"repo_id": "my-toy", "token": "hf_test"}
     upload = calls["upload"]
     assert upload["repo_id"] == "someone/my-toy" and upload["token"] == "hf_test"
-    assert {"README.md", tl.WEIGHT_NAME} <= set(upload["files"])
+    node, kohya = "my-toy_tlora-node_ortho_r8-min4.safetensors", "my-toy_lora-rank16.safetensors"
+    assert {"README.md", tl.WEIGHT_NAME, "pipeline.py", "tlora_loader.py", node, kohya} <= set(upload["files"])
     assert any(name.startswith("logs/") for name in upload["files"])
     assert not [name for name in upload["files"] if "checkpoint" in name]
     assert (output / "checkpoint-1" / tl.WEIGHT_NAME).is_file()
     card = (output / "README.md").read_text()
     assert "pipe.load_tlora_weights('someone/my-toy')" in card and "hf_test" not in card
+    assert "custom_pipeline='someone/my-toy', trust_remote_code=True" in card
+    assert f"| `{node}` | ComfyUI with the ComfyUI-T-LoRA custom nodes" in card and f"| `{kohya}` | ComfyUI's LoraLoader" in card
     hparams = "".join(path.read_text() for path in (output / "logs").rglob("hparams.yml"))
     assert "hf_test" not in hparams
 

@@ -17,6 +17,8 @@ Modules, roughly in the order a training run uses them:
     optim         optimizer and learning-rate schedule
     checkpoints   atomic checkpoints with rotation, resume and its checks, adapter-only training state
     validation    validation and class images, with the adapter loaded the way users load it
+    card_assets   the card's pictures (rank schedule, base-vs-adapter grid, loss curve) and usage sections
+    tool_exports  the files beside the adapter for other tools: loader files, ComfyUI node file, kohya LoRA
     model_card    the adapter's README.md
     hub           creating the Hub repository and uploading the result
     stopping      Ctrl-C / SIGTERM: stop after the step, save a checkpoint, exit 130

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from PIL import Image
 
 import pipelines.tlora as tl
 from pipelines.tlora.file_format import write_atomically
+
+from .tool_exports import write_tool_files
 
 SCHEDULE_PLOT = "rank_schedule.png"
 VALIDATION_GRID = "validation_grid.png"
@@ -224,52 +227,95 @@ def write_card_assets(
     return {caption: path.relative_to(output_dir).as_posix() for caption, path in written.items()}
 
 
+@dataclass
+class CardExtras:
+    """What the end of a run adds to the model card: `{caption: image path}` and `{file: what it is for}`, paths
+    relative to --output_dir."""
+
+    assets: dict[str, str]
+    files: dict[str, str]
+
+
+def write_card_extras(
+    args,
+    config: tl.TLoraConfig,
+    pipeline,
+    validation_embeddings: list[dict],
+    validation_paths: list[list[Path]],
+    accelerator,
+    seed: int,
+    *,
+    generate,
+) -> CardExtras:
+    """At the end of a run (main process), with the saved adapter loaded into `pipeline`: sample the validation
+    prompts without it for the grid, draw the card's images, and write the files for other tools."""
+    rows = []
+    if validation_paths:
+        base = base_model_images(pipeline, validation_embeddings, args, accelerator, seed, generate=generate)
+        for prompt, base_images, paths in zip(args.validation_prompt, base, validation_paths, strict=True):
+            rows.append((prompt, base_images, [Image.open(path).convert("RGB") for path in paths]))
+    assets = write_card_assets(args, config, pipeline.scheduler, rows)
+    family = config.model_family or "sdxl"
+    files = write_tool_files(args.output_dir, family, getattr(args, "export_for_tools", False))
+    return CardExtras(assets, files)
+
+
 # --------------------------------------------------------------------------- card sections
 
 
 def usage_section(
-    base_model: str, adapter: str, prompt: str, num_inference_steps: int, guidance_scale: float, has_loader_files: bool
+    base_model: str,
+    adapter: str,
+    prompt: str,
+    sampling: str,
+    pipeline_class: str,
+    torch_dtype: str,
+    has_loader_files: bool = True,
 ) -> str:
-    """Markdown: loading with diffusers alone (when the loader files are there), then with this project."""
-    sampling = f"num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}"
+    """Markdown: loading with diffusers alone through the loader files first, then with this project installed.
+
+    `sampling` holds the keyword arguments of the pipeline call, e.g. "num_inference_steps=25, guidance_scale=5.0".
+    """
     call = f"image = pipe({prompt!r}, {sampling}).images[0]"
-    project = f"""With the project that trained it installed, its `pipelines.tlora` package adds `load_tlora_weights` to
-diffusers' pipelines:
+    with_project = f"""With the project that trained it installed, its `pipelines.tlora` package adds `load_tlora_weights`
+to the stock pipelines:
 
 ```python
 import torch
-from diffusers import AutoPipelineForText2Image
+from diffusers import {pipeline_class}
 
-import pipelines.tlora  # adds load_tlora_weights to the pipelines
+import pipelines.tlora  # adds load_tlora_weights to the stock pipelines
 
-pipe = AutoPipelineForText2Image.from_pretrained({base_model!r}, torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline_class}.from_pretrained({base_model!r}, torch_dtype={torch_dtype}).to("cuda")
 pipe.load_tlora_weights({adapter!r})
 {call}
 ```
 """
     if not has_loader_files:
         return f"""The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA. This folder has no loader
-files (`pipeline.py`, `tlora_*.py`); `python scripts/convert_tlora.py loader-files FOLDER` of the project writes
-them, so that diffusers alone can load it.
+files (`pipeline.py`, `tlora_*.py`) for diffusers alone; `python scripts/convert_tlora.py loader-files FOLDER` of
+the project that trained it writes them.
 
-{project}"""
-    return f"""The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA; the loader files next to it
-(`pipeline.py`, `tlora_*.py`) let diffusers alone load it. Nothing else to install:
+{with_project}"""
+    return f"""The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA. The loader files next to it
+(`pipeline.py`, `tlora_*.py`) let diffusers alone load it, nothing else to install:
 
 ```python
 import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained(
-    {base_model!r}, custom_pipeline={adapter!r}, trust_remote_code=True, torch_dtype=torch.float16
+    {base_model!r}, custom_pipeline={adapter!r}, trust_remote_code=True, torch_dtype={torch_dtype}
 ).to("cuda")
 pipe.load_tlora_weights({adapter!r})
 {call}
 ```
 
-`trust_remote_code=True` runs this repository's `pipeline.py` and `tlora_*.py`: read them first.
+`trust_remote_code=True` runs the `pipeline.py` and `tlora_*.py` of this repository: read them first. A copy of this
+adapter without those files (or diffusers' refusal to find `pipeline.py`) gets them back with
+`python scripts/convert_tlora.py loader-files FOLDER` of the project that trained it.
 
-{project}"""
+{with_project}"""
 
 
 def files_section(files: dict[str, str]) -> str:

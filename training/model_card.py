@@ -1,5 +1,6 @@
-"""The adapter's model card (`OUTPUT_DIR/README.md`): Hub metadata, how to load the adapter, the training
-settings and the validation images. What differs between model families comes in one `CardFacts`."""
+"""The adapter's model card (`OUTPUT_DIR/README.md`): Hub metadata, how to load the adapter (with diffusers alone
+first) and which file serves which tool, the rank schedule, validation grid and loss curve, the training settings
+and the validation images. What differs between model families comes in one `CardFacts`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pipelines.tlora as tl
 from pipelines.tlora.file_format import write_atomically
 
 from .adapter import method_name
+from .card_assets import CardExtras, files_section, images_section, usage_section
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ def write_model_card(
     repo_id: str | None,
     steps: int,
     extra_settings: dict[str, str] | None = None,
+    extras: CardExtras | None = None,
 ) -> Path:
     output_dir = Path(args.output_dir)
     base = args.pretrained_model_name_or_path
@@ -77,6 +80,17 @@ def write_model_card(
         "seed": args.seed,
     }
     table = "\n".join(f"| {name} | {value} |" for name, value in settings.items())
+    usage = usage_section(
+        base,
+        adapter_location,
+        args.instance_prompt,
+        facts.sampling,
+        facts.pipeline_class,
+        facts.torch_dtype,
+        has_loader_files=extras is not None,
+    )
+    files = f"\nWhich file is for which tool:\n\n{files_section(extras.files)}" if extras and extras.files else ""
+    pictures = f"## What it does\n\n{images_section(extras.assets)}\n\n" if extras and extras.assets else ""
     gallery = "\n".join(f"![{prompt}]({path.relative_to(output_dir).as_posix()})" for prompt, path in images)
     body = f"""
 # {method} adapter for {facts.model_name}: `{args.instance_prompt}`
@@ -91,27 +105,15 @@ Use `{args.instance_prompt}` in your prompt.
 
 ## Usage
 
-The adapter is a T-LoRA file (`{tl.WEIGHT_NAME}`), not a standard LoRA: load it with the `pipelines.tlora`
-package of the project that trained it, which adds `load_tlora_weights` to diffusers' {facts.model_name} pipelines.
-
-```python
-import torch
-from diffusers import {facts.pipeline_class}
-
-import pipelines.tlora  # adds load_tlora_weights to the {facts.model_name} pipelines
-
-pipe = {facts.pipeline_class}.from_pretrained({base!r}, torch_dtype={facts.torch_dtype}).to("cuda")
-pipe.load_tlora_weights({adapter_location!r})
-image = pipe({args.instance_prompt!r}, {facts.sampling}).images[0]
-```
-{facts.license_note}
+{usage}
+{files}{facts.license_note}
 ## Training settings
 
 | setting | value |
 |---|---|
 {table}
 
-## Validation images
+{pictures}## Validation images
 
 {gallery or "No validation prompt was given."}
 """

@@ -18,6 +18,7 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
 import pipelines.tlora as tl
 
+from .card_assets import LOSS_HISTORY, LossHistory
 from .checkpoints import check_checkpoint_config, checkpoint_step, remove_partial_checkpoints, resume_checkpoint
 from .data import ImageRecord, load_class_records, load_instance_records
 from .hub import create_hub_repo, push_to_hub
@@ -31,7 +32,9 @@ def make_accelerator(args) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        # the loss history feeds the model card's loss curve, whatever --report_to says
+        log_with=[LossHistory(output_dir / args.logging_dir / LOSS_HISTORY)]
+        + ([] if args.report_to == "none" else [args.report_to]),
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
