@@ -80,7 +80,6 @@ MODEL_CARD = CardFacts(
     license="openrail++",
     tags=("text-to-image", "diffusers", "lora", "t-lora", "stable-diffusion-xl", "template:sd-lora"),
     torch_dtype="torch.float16",
-    sampling="num_inference_steps=25, guidance_scale=5.0",
 )
 
 

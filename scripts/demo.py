@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """End-to-end demo on the CPU: train a T-LoRA adapter on examples/concept.png and compare it with the base model.
 
-    python scripts/demo.py [--size tiny|small] [--steps N]
+    python scripts/demo.py [--size tiny|small] [--steps N] [--readme-images]
 
 1. Builds a randomly initialised, SD-XL-shaped model in outputs/demo/<size>-sdxl (reused when present).
 2. Trains with `accelerate launch train_tlora_sdxl.py ...`, exactly as a user would on a GPU.
 3. Samples a few prompts with a stock `StableDiffusionXLPipeline`, before and after
    `pipe.load_tlora_weights(...)`, into outputs/demo/grid.png (rows: prompts; columns: base, T-LoRA).
+4. The trainer's model card, outputs/demo/tlora-<size>/README.md, shows the rank schedule over the sampler's
+   steps, its own base-vs-adapter grid and the loss curve. `--readme-images` copies the grid, the schedule plot
+   and the loss curve to docs/demo/, where the project README shows them.
 
 The model is random, so the pictures are noise; the demo shows the workflow and the files it makes, and
 that the adapter changes what the pipeline draws.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -27,16 +31,21 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 DEMO_DIR = REPO_ROOT / "outputs" / "demo"
+README_IMAGES_DIR = REPO_ROOT / "docs" / "demo"
 CONCEPT_IMAGE = REPO_ROOT / "examples" / "concept.png"
 INSTANCE_PROMPT = "a photo of sks toy"
 PROMPTS = (INSTANCE_PROMPT, "a photo of sks toy on the beach")
 RESOLUTION = {"tiny": 64, "small": 256}
+CARD_PLOTS = ("rank_schedule.png", "loss_curve.png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(RESOLUTION), default="tiny", help="model size (default tiny: fastest)")
     parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    parser.add_argument(
+        "--readme-images", action="store_true", help=f"copy the grid and the card's plots to {README_IMAGES_DIR}"
+    )
     return parser.parse_args(argv)
 
 
@@ -127,9 +136,14 @@ def main(argv=None) -> int:
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(f"  grid (rows: prompts {list(PROMPTS)}; columns: base, T-LoRA): {grid}")
     print(f"  adapter: {adapter_dir / 'pytorch_tlora_weights.safetensors'}")
-    print(f"  model card: {adapter_dir / 'README.md'}")
+    print(f"  model card: {adapter_dir / 'README.md'}, with {', '.join(CARD_PLOTS)}")
     print(f"  validation images: {adapter_dir / 'validation'}")
     print(f"  TensorBoard logs: tensorboard --logdir {adapter_dir / 'logs'}")
+    if args.readme_images:
+        README_IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+        for source in (grid, *(adapter_dir / name for name in CARD_PLOTS)):
+            shutil.copyfile(source, README_IMAGES_DIR / source.name)
+        print(f"  copied the grid and {', '.join(CARD_PLOTS)} to {README_IMAGES_DIR}")
     return 0
 
 

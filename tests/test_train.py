@@ -501,7 +501,7 @@ def test_ortho_run_writes_a_model_card(ortho_run, tiny_sdxl_dir):
     assert card.data.instance_prompt == PROMPT
     assert "import pipelines.tlora" in card.text and "pipe.load_tlora_weights(" in card.text
     # the zero-install snippet comes first, and the loader files it needs are there
-    zero_install = f"custom_pipeline={str(ortho_run.output.resolve())!r}, trust_remote_code=True"
+    zero_install = f"custom_pipeline={str(ortho_run.output.resolve())!r},\n    trust_remote_code=True"
     assert zero_install in card.text and card.text.index(zero_install) < card.text.index("import pipelines.tlora")
     assert (ortho_run.output / "pipeline.py").is_file() and (ortho_run.output / "tlora_loader.py").is_file()
     assert "| `pytorch_tlora_weights.safetensors` |" in card.text
@@ -647,7 +647,8 @@ def test_push_to_hub_uploads_the_result_without_checkpoints(tiny_sdxl_dir, tmp_p
     assert (output / "checkpoint-1" / tl.WEIGHT_NAME).is_file()
     card = (output / "README.md").read_text()
     assert "pipe.load_tlora_weights('someone/my-toy')" in card and "hf_test" not in card
-    assert "custom_pipeline='someone/my-toy', trust_remote_code=True" in card
+    assert "custom_pipeline='someone/my-toy',\n    trust_remote_code=True" in card
+    assert "num_inference_steps=25, guidance_scale=5.0" in card  # the validation settings, also of the plot
     assert f"| `{node}` | ComfyUI with the ComfyUI-T-LoRA custom nodes" in card and f"| `{kohya}` | ComfyUI's LoraLoader" in card
     hparams = "".join(path.read_text() for path in (output / "logs").rglob("hparams.yml"))
     assert "hf_test" not in hparams

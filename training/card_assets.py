@@ -84,13 +84,16 @@ def plot_rank_schedule(
     axes.bar(steps, ranks, color="#4c72b0", width=0.8)
     axes.axhline(config.rank, color="#55a868", linestyle="--", linewidth=1, label=f"rank R = {config.rank}")
     axes.axhline(config.min_rank, color="#c44e52", linestyle=":", linewidth=1, label=f"min rank = {config.min_rank}")
-    shown = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
+    # every step when they fit, else about ten evenly spaced ones, always with the first and the last
+    stride = max(1, round(len(steps) / 10))
+    shown = sorted({*range(0, len(steps), stride), len(steps) - 1})
     axes.set_xticks(steps[shown], [f"{steps[i]}\nt={timesteps[i]:.0f}" for i in shown])
     axes.set_xlabel("sampling step (timestep t)")
     axes.set_ylabel("active rank components")
     axes.set_ylim(0, config.rank * 1.12)
     axes.set_title(f"T-LoRA rank per step: {sampler}, {len(steps)} steps (r(t) exponent {config.schedule_exponent:g})")
-    axes.legend(loc="lower right", fontsize="small")
+    # the high-noise steps on the left have the fewest components, leaving the top left free
+    axes.legend(loc="upper left", fontsize="small")
     return _save_figure(figure, Path(path))
 
 
@@ -305,7 +308,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained(
-    {base_model!r}, custom_pipeline={adapter!r}, trust_remote_code=True, torch_dtype={torch_dtype}
+    {base_model!r},
+    custom_pipeline={adapter!r},
+    trust_remote_code=True,
+    torch_dtype={torch_dtype},
 ).to("cuda")
 pipe.load_tlora_weights({adapter!r})
 {call}

@@ -26,7 +26,6 @@ class CardFacts:
     license: str  # the base model's licence id on the Hub
     tags: tuple[str, ...]
     torch_dtype: str  # for the usage example, e.g. "torch.float16"
-    sampling: str  # keyword arguments of the usage example's pipeline call
     license_note: str = ""  # a paragraph on the licence, where its terms matter to users
 
 
@@ -84,7 +83,8 @@ def write_model_card(
         base,
         adapter_location,
         args.instance_prompt,
-        facts.sampling,
+        # the settings of the card's images and rank-schedule plot
+        f"num_inference_steps={args.num_inference_steps}, guidance_scale={args.guidance_scale}",
         facts.pipeline_class,
         facts.torch_dtype,
         has_loader_files=extras is not None,
