@@ -8,8 +8,8 @@
 3. Samples a few prompts with a stock `StableDiffusionXLPipeline`, before and after
    `pipe.load_tlora_weights(...)`, into outputs/demo/grid.png (rows: prompts; columns: base, T-LoRA).
 4. The trainer's model card, outputs/demo/tlora-<size>/README.md, shows the rank schedule over the sampler's
-   steps, its own base-vs-adapter grid and the loss curve. `--readme-images` copies the grid, the schedule plot
-   and the loss curve to docs/demo/, where the project README shows them.
+   steps, its own base-vs-adapter grid and the loss curve. `--readme-images` copies the grid and the schedule
+   plot to docs/demo/, where the project README shows them.
 
 The model is random, so the pictures are noise; the demo shows the workflow and the files it makes, and
 that the adapter changes what the pipeline draws.
@@ -36,7 +36,8 @@ CONCEPT_IMAGE = REPO_ROOT / "examples" / "concept.png"
 INSTANCE_PROMPT = "a photo of sks toy"
 PROMPTS = (INSTANCE_PROMPT, "a photo of sks toy on the beach")
 RESOLUTION = {"tiny": 64, "small": 256}
-CARD_PLOTS = ("rank_schedule.png", "loss_curve.png")
+SCHEDULE_PLOT = "rank_schedule.png"
+CARD_PLOTS = (SCHEDULE_PLOT, "validation_grid.png", "loss_curve.png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,9 +142,9 @@ def main(argv=None) -> int:
     print(f"  TensorBoard logs: tensorboard --logdir {adapter_dir / 'logs'}")
     if args.readme_images:
         README_IMAGES_DIR.mkdir(parents=True, exist_ok=True)
-        for source in (grid, *(adapter_dir / name for name in CARD_PLOTS)):
+        for source in (grid, adapter_dir / SCHEDULE_PLOT):
             shutil.copyfile(source, README_IMAGES_DIR / source.name)
-        print(f"  copied the grid and {', '.join(CARD_PLOTS)} to {README_IMAGES_DIR}")
+        print(f"  copied the grid and the schedule plot to {README_IMAGES_DIR}")
     return 0
 
 
