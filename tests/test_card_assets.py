@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 import pipelines.tlora as tl
@@ -19,17 +18,6 @@ from training.card_assets import (
     read_loss_history,
     sampler_timesteps,
     validation_grid,
-)
-
-# black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json
-FLUX_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
 )
 
 
@@ -51,7 +39,8 @@ def test_sdxl_euler_steps_and_their_ranks():
 def test_flux_steps_are_shifted_and_already_in_schedule_units():
     """FLUX.1-dev at 28 steps, 1024 px: t from 1000 down to about 105, so with R = 32, r_min = 1 the ranks run
     1..28 (not 1..32: the sampler never reaches low t)."""
-    timesteps = sampler_timesteps(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG), 28, resolution=1024)
+    # the fixture builder's FLUX scheduler is configured as FLUX.1-dev's
+    timesteps = sampler_timesteps(build_scheduler("flux"), 28, resolution=1024)
     assert len(timesteps) == 28
     shifted = math.e**1.15 / (math.e**1.15 + (28 - 1))  # the time shift of the last sigma, 1/28, at mu = 1.15
     assert timesteps[0] == pytest.approx(1000.0) and timesteps[-1] == pytest.approx(1000 * shifted, abs=1e-3)
