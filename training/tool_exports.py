@@ -14,10 +14,6 @@ import pipelines.tlora as tl
 from pipelines.tlora.convert import export_comfyui, export_lora
 from pipelines.tlora.remote_code import PIPELINE_FILE, MODULE_PREFIX, write_loader_files
 
-# the families whose standard-LoRA export has kohya's module names and whose T-LoRA file the ComfyUI node reads
-EXPORTABLE_FAMILIES = ("sdxl",)
-
-
 def write_tool_files(output_dir: str | Path, family: str, with_exports: bool) -> dict[str, str]:
     """Write the loader files (and with `with_exports` the ComfyUI node file and the kohya LoRA) next to the
     adapter in `output_dir`; returns `{file name: what it is for}` for the card."""
