@@ -544,6 +544,11 @@ def test_inspect_both_layouts(attention_shapes, tmp_path, capsys):
         assert line in out, (line, out)
     trained = sum(t.numel() for k, t in tl.read_tlora_file(ours / tl.WEIGHT_NAME)[0].items() if not k.endswith("_base"))
     assert f"parameters: {trained:,} trained, {trained:,} frozen" in out
+    # import-official wrote the loader files; without them, inspect says how to add them
+    assert f"loader files: pipeline.py and tlora_*.py, written by pipelines.tlora {tl.__version__}" in out
+    (ours / "pipeline.py").unlink()
+    code, out, _ = run_cli(capsys, "inspect", ours)
+    assert code == 0 and "loader files: none (diffusers alone cannot load this folder); add them with" in out
 
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "run-ortho" / "checkpoint-100")
     assert code == 0 and "layout: T-LoRA authors' checkpoint" in out and f"rank by timestep: {expected_ranks}" in out

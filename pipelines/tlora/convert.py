@@ -78,12 +78,13 @@ from .official_format import (
     settings_from_hparams,
     tlora_to_official_state_dict,
 )
-from .remote_code import PIPELINE_FILE, pipeline_class_name, write_loader_files
+from .remote_code import PIPELINE_FILE, describe_loader_files, pipeline_class_name, write_loader_files
 
 # diffusers' default weight name: `pipe.load_lora_weights(folder)` finds it without `weight_name=`
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EXPORT_METADATA_KEY = "tlora_export"
 INSPECT_TIMESTEPS = (0, 250, 500, 750, 999)
+OUR_LAYOUT = "T-LoRA (this package)"
 KNOWN_LAYOUTS = (
     "Known layouts: this package's T-LoRA file (pytorch_tlora_weights.safetensors with `tlora_config` metadata, "
     "or a folder holding it); the T-LoRA authors' SD-XL checkpoint (a checkpoint-N folder, or its "
@@ -541,7 +542,7 @@ def _read_for_inspection(path: Path, hparams) -> _Inspected:
     is_pickle = weights.suffix == Path(FLUX_WEIGHT_NAME).suffix
     if weights.is_file() and not is_pickle and METADATA_KEY in read_safetensors(weights, with_tensors=False)[1]:
         state_dict, config = read_adapter(weights)
-        return _Inspected("T-LoRA (this package)", family_of_config(config), state_dict, config, [])
+        return _Inspected(OUR_LAYOUT, family_of_config(config), state_dict, config, [])
     official = read_official_checkpoint(path, hparams)
     layout, notes = "T-LoRA authors' checkpoint", [official.describe_source()]
     try:
@@ -574,6 +575,8 @@ def inspect_adapter(path: str | os.PathLike, hparams: str | os.PathLike | None =
     }
     if config is not None:
         info["ranks_at_timesteps"] = {t: rank_at_timestep(config, t) for t in INSPECT_TIMESTEPS}
+    if path.is_dir() and inspected.layout == OUR_LAYOUT:
+        info["loader_files"] = describe_loader_files(path)
     return info
 
 
@@ -601,5 +604,7 @@ def format_inspection(info: dict) -> str:
     if info["ranks_at_timesteps"] is not None:
         ranks = ", ".join(f"t={t}: {r}" for t, r in info["ranks_at_timesteps"].items())
         lines.append(f"rank by timestep: {ranks}")
+    if "loader_files" in info:
+        lines.append(f"loader files: {info['loader_files']}")
     lines += [f"note: {note}" for note in info["notes"]]
     return "\n".join(lines)

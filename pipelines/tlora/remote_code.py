@@ -174,3 +174,14 @@ def write_loader_files(
     return [
         write_atomically(folder / name, lambda path, text=text: path.write_text(text)) for name, text in files.items()
     ]
+
+
+def describe_loader_files(folder: str | os.PathLike) -> str:
+    """Whether an adapter folder holds loader files, of which version, or how to add them."""
+    pipeline = Path(folder) / PIPELINE_FILE
+    if not pipeline.is_file():
+        return f"none (diffusers alone cannot load this folder); add them with `{REGENERATE_HINT}`"
+    first_line = pipeline.read_text().partition("\n")[0]
+    if not first_line.startswith(GENERATED_MARKER):
+        return f"{PIPELINE_FILE} was not written by pipelines.tlora"
+    return f"{PIPELINE_FILE} and {MODULE_PREFIX}*.py, written by pipelines.tlora {first_line.split()[4]}"
