@@ -37,6 +37,14 @@ from pipelines.tlora.official_format import DEFAULT_CLASS_NAME, DEFAULT_PLACEHOL
 from scripts.arguments import positive_int  # noqa: E402
 
 
+def _export_command(commands, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand reading our T-LoRA file (IN), with --overwrite for its outputs."""
+    command = commands.add_parser(name, help=help, description=description)
+    command.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
+    command.add_argument("--overwrite", action="store_true")
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_tlora.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--base-model", help="base model name recorded in the file")
     importer.add_argument("--overwrite", action="store_true")
 
-    exporter = commands.add_parser(
+    exporter = _export_command(
+        commands,
         "export-official",
         help="T-LoRA file -> authors' layout",
         description="Write OUT_DIR/checkpoint-STEP/pytorch_lora_weights.safetensors (SD-XL) or lora.safetensors "
         "(FLUX, all 14 tensors of every block) and OUT_DIR/logs/hparams.yml.",
     )
-    exporter.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
     exporter.add_argument("out_dir", type=Path)
     exporter.add_argument("--step", type=int, default=0, help="checkpoint number in the folder name (default 0)")
     exporter.add_argument(
@@ -80,15 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CLASS_NAME,
         help=f"the concept's class word, written to hparams.yml (default {DEFAULT_CLASS_NAME!r}; e.g. dog)",
     )
-    exporter.add_argument("--overwrite", action="store_true")
 
-    lora = commands.add_parser(
+    lora = _export_command(
+        commands,
         "export-lora",
         help="T-LoRA file -> standard LoRA frozen at one rank",
         description="Freeze the rank mask at one timestep or rank (default: full rank) and write a standard LoRA. "
         "The result has no timestep masking: it is exact only where the schedule uses that rank.",
     )
-    lora.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
     lora.add_argument("out", type=Path, metavar="OUT", help="a .safetensors file, or a folder")
     frozen_at = lora.add_mutually_exclusive_group()
     frozen_at.add_argument("--timestep", type=float, help="freeze at the rank the schedule uses at this timestep")
@@ -103,16 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         "PEFT keys (unet. or transformer.<module>.lora_A/B), which the other tools skip; FLUX.1 and SD 1.x adapters "
         "export --for diffusers only",
     )
-    lora.add_argument("--overwrite", action="store_true")
 
-    comfy = commands.add_parser(
+    comfy = _export_command(
+        commands,
         "export-comfyui",
         help="T-LoRA file -> the one file ComfyUI's 'Load T-LoRA (Bypass)' node loads, with its settings",
         description="Write one .safetensors for ComfyUI's models/loras in the layout the ComfyUI-T-LoRA nodes read, "
         "keeping the timestep masks; print the node settings (max_rank, min_rank, alpha, max_timestep) that "
         "reproduce the adapter's schedule and store them in the file's `tlora_comfyui_node` metadata.",
     )
-    comfy.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
     comfy.add_argument("out", type=Path, metavar="OUT", help="a .safetensors file, or a folder (e.g. models/loras)")
     comfy.add_argument(
         "--loader",
@@ -121,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="tlora-node (default): the masked T-LoRA node; stock: ComfyUI's LoraLoader, which reads a vanilla "
         "file without masks and cannot read an ortho one (refused: use export-lora --for comfyui)",
     )
-    comfy.add_argument("--overwrite", action="store_true")
 
     loader = commands.add_parser(
         "loader-files",
