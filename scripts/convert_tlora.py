@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--for",
         dest="tool",
         choices=TOOL_FORMATS,
-        default=DEFAULT_TOOL,
-        help=f"the tool that loads it (default {DEFAULT_TOOL}). comfyui (LoraLoader), a1111 and kohya read kohya keys "
-        "(lora_unet_<SD-XL module>.lora_down/up/alpha), which diffusers' load_lora_weights also reads; diffusers: "
+        help=f"the tool that loads it (default: {DEFAULT_TOOL} for SD-XL adapters, diffusers for the others). "
+        "comfyui (LoraLoader), a1111 and kohya read kohya keys (lora_unet_<SD-XL module>.lora_down/up/alpha), "
+        "which diffusers' load_lora_weights also reads; diffusers: "
         "PEFT keys (unet. or transformer.<module>.lora_A/B), which the other tools skip; FLUX.1 and SD 1.x adapters "
         "export --for diffusers only",
     )

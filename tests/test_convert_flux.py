@@ -245,8 +245,9 @@ def test_export_lora_for_flux_loads_in_the_stock_pipeline(flux_transformer, tiny
     torch.testing.assert_close(transformer_output(base, sigma), expected, atol=1e-5, rtol=0)
     assert (transformer_output(base, 1.0) - elsewhere).abs().max() > 1e-4  # the timestep dependence is gone
 
-    assert_refused(capsys, "export-lora", tmp_path / "ours.safetensors", tmp_path / "k", "--format", "kohya",
-                   match="--format diffusers")
+    for tool in ("kohya", "comfyui"):  # the kohya layout names SD-XL modules
+        assert_refused(capsys, "export-lora", tmp_path / "ours.safetensors", tmp_path / "k", "--for", tool,
+                       match="--for diffusers")
 
 
 def test_inspect_knows_the_flux_family(flux_transformer, tmp_path, capsys):

@@ -442,20 +442,22 @@ def export_lora(
     *,
     timestep: float | None = None,
     rank: int | None = None,
-    tool: str = DEFAULT_TOOL,
+    tool: str | None = None,
     overwrite: bool = False,
 ) -> ConversionResult:
     """Freeze the adapter at the rank of `timestep`, or at `rank` (default: full rank), as a standard LoRA in the
-    layout `tool` reads.
+    layout `tool` reads (default: ComfyUI for SD-XL adapters; diffusers for the other families, whose kohya
+    module names this package does not write).
 
     `out` is a `.safetensors` file or a folder, which receives `pytorch_lora_weights.safetensors` for diffusers
     and `<adapter>_lora-rank<K>.safetensors` for the other tools.
     """
     if timestep is not None and rank is not None:
         raise ValueError("Give a timestep or a rank to freeze at, not both.")
-    if tool not in TOOL_FORMATS:
+    if tool is not None and tool not in TOOL_FORMATS:
         raise ValueError(f"Unknown tool {tool!r}; choose one of {', '.join(TOOL_FORMATS)}.")
     state_dict, config = read_adapter(source)
+    tool = tool or (DEFAULT_TOOL if family_of_config(config) is SDXL else "diffusers")
     if timestep is not None:
         if not 0 <= timestep <= config.num_train_timesteps:
             raise ValueError(f"Timestep {timestep} is outside the schedule's range 0..{config.num_train_timesteps}.")
