@@ -583,7 +583,11 @@ class TrainStep:
         from diffusers.training_utils import cast_training_params
 
         dtype = DTYPES[args.dtype]
+        synchronize(args.device)
+        start = time.perf_counter()
         attach_for_training(unet, adapter, args.min_rank)
+        synchronize(args.device)
+        self.attach_s = time.perf_counter() - start  # for T-LoRA (ortho): one SVD per adapted projection
         if dtype != torch.float32:
             cast_training_params(unet, dtype=torch.float32)
         if args.gradient_checkpointing:
@@ -634,52 +638,54 @@ def make_optimizer(parameters, use_8bit_adam: bool) -> torch.optim.Optimizer:
     return optimizer_class(parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
 
 
-def current_rss() -> int:
-    """Resident memory of this process now, in bytes (Linux)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def restart_peak_memory(device: str) -> int:
+    """Start counting peak memory from now; returns the memory in use now, in bytes.
 
-
-def restart_peak_rss() -> None:
-    """Hand freed heap memory back to the system and restart the peak RSS count from the current RSS, so the
-    peak that follows belongs to training rather than to building the model (Linux; elsewhere a no-op)."""
+    On CUDA, torch's allocator statistics. On the CPU (Linux), the process's resident set: torch's CPU
+    allocations are invisible to tracemalloc. Freed heap memory is handed back to the system first and the
+    kernel's peak count (VmHWM) restarted, so the peak that follows belongs to what runs next rather than to
+    building the model (elsewhere the count cannot be restarted and covers the whole process).
+    """
     gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
     except OSError:
         pass
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(device: str) -> int:
+    """Peak memory in bytes since `restart_peak_memory`: the CUDA allocation or the resident set (VmHWM)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def measure_memory(args) -> dict:
-    """Peak memory of training one configuration, in this (fresh) process.
-
-    On CUDA, `max_memory_allocated`. On the CPU, the peak resident set size: torch's CPU allocations are
-    invisible to tracemalloc. `above_model_mb` is the peak minus what the frozen UNet alone occupied, i.e.
-    adapter weights, optimizer state, gradients and activations.
-    """
+    """Peak memory of training one configuration, in this (fresh) process. `above_model_mb` is the peak minus
+    what the frozen UNet alone occupied, i.e. adapter weights, optimizer state, gradients and activations."""
     adapters = {adapter.name: adapter for adapter in train_adapters(args.rank)}
     if args.adapter not in adapters:
         raise SystemExit(f"error: unknown --adapter {args.adapter!r}; expected one of {', '.join(adapters)}")
     adapter = adapters[args.adapter]
     unet, scheduler = build_base_unet(args.size, args.device, DTYPES[args.dtype])
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        model_bytes = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        restart_peak_rss()
-        model_bytes = current_rss()
+    model_bytes = restart_peak_memory(args.device)
     step = TrainStep(unet, scheduler, adapter, args)
     for _ in range(1 + args.steps):
         step()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_memory(args.device)
     return {"peak_mb": peak / MEGABYTE, "above_model_mb": (peak - model_bytes) / MEGABYTE}
 
 

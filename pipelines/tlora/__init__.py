@@ -30,7 +30,7 @@ import diffusers
 from .config import DEFAULT_TARGET_MODULES, FORMAT_VERSION, TLoraConfig, TLoraConfigError
 from .families import FAMILIES, ModelFamily, denoiser_of, family_of_denoiser, get_family
 from .file_format import WEIGHT_NAME, TLoraFileError, read_tlora_file, save_tlora_file
-from .injection import TLoraInjectionError, get_tlora_adapters, inject_tlora, remove_tlora
+from .injection import TLoraInjectionError, get_tlora_adapters, inject_tlora, remove_tlora, set_rank_routing
 from .layers import OrthoTLoraAdapter, RankState, VanillaTLoraAdapter
 from .loader import (
     TLoraLoaderMixin,
@@ -98,6 +98,7 @@ __all__ = [
     "remove_tlora",
     "save_tlora_file",
     "save_tlora_weights",
+    "set_rank_routing",
     "set_tlora_scale",
     "set_tlora_state_dict",
     "tlora_state_dict",

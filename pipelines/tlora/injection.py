@@ -147,6 +147,7 @@ class TimestepRouter:
         self.configs: dict[str, TLoraConfig] = {}
         self.scales: dict[str, float] = {}
         self.states: dict[str, RankState] = {}
+        self.rank_routing = "auto"  # see `set_rank_routing`
         self.paths: dict[str, list[str]] = {}
         self.attention_modules: list[nn.Module] = []
         self.checkpointing_modules = [m for m in denoiser.modules() if hasattr(m, "gradient_checkpointing")]
@@ -171,8 +172,7 @@ class TimestepRouter:
         if torch.is_grad_enabled():
             self._wrap_checkpoint_functions()
 
-    @staticmethod
-    def _rank_state(config: TLoraConfig, timesteps, sample: torch.Tensor) -> RankState:
+    def _rank_state(self, config: TLoraConfig, timesteps, sample: torch.Tensor) -> RankState:
         schedule = (config.rank, config.min_rank, config.num_train_timesteps, config.schedule_exponent)
         count = timesteps.numel() if torch.is_tensor(timesteps) else 1
         if count not in (1, sample.shape[0]):
@@ -180,14 +180,18 @@ class TimestepRouter:
                 f"Got {count} timesteps for a batch of {sample.shape[0]} samples; T-LoRA needs one per sample or "
                 "one for all."
             )
-        on_host = not torch.is_tensor(timesteps) or timesteps.device.type == "cpu"
-        if on_host:
-            # One rank for the whole batch (one timestep, or FLUX's per-sample copies of it): a Python rank lets
-            # the layers skip the inactive components, with exactly the gradients of the masked form. Only for
-            # timesteps already on the host, so this never waits for an accelerator.
-            ranks = rank_schedule(timesteps, *schedule).reshape(-1)
-            if bool((ranks == ranks[0]).all()):
-                return RankState(active_rank=int(ranks[0]))
+        # Under torch.compile a Python rank would be a constant of the graph, so every new rank would compile
+        # again; the mask is a tensor input and one graph serves every step.
+        if self.rank_routing != "mask" and not torch.compiler.is_compiling():
+            on_host = not torch.is_tensor(timesteps) or timesteps.device.type == "cpu"
+            if on_host or self.rank_routing == "skip":
+                # One rank for the whole batch (one timestep, or FLUX's per-sample copies of it): a Python rank
+                # lets the layers skip the inactive components, with exactly the gradients of the masked form.
+                # From an accelerator this copy waits for the work queued before it, so "auto" only takes
+                # timesteps that are already on the host.
+                ranks = rank_schedule(timesteps, *schedule, device="cpu").reshape(-1)
+                if bool((ranks == ranks[0]).all()):
+                    return RankState(active_rank=int(ranks[0]))
         return RankState(mask=rank_mask(timesteps, *schedule, dtype=sample.dtype, device=sample.device))
 
     def _wrap_checkpoint_functions(self) -> None:
@@ -224,6 +228,31 @@ def adapter_dtype(projection: nn.Linear, denoiser_dtype: torch.dtype) -> torch.d
     if projection.weight.is_floating_point():
         return projection.weight.dtype
     return getattr(projection, "compute_dtype", None) or denoiser_dtype
+
+
+RANK_ROUTINGS = {
+    "auto": "skip the inactive components when the timesteps are on the host, masks otherwise",
+    "mask": "always multiply all R components and mask them",
+    "skip": "copy the timesteps to the host once per denoiser call and skip the inactive components",
+}
+
+
+def set_rank_routing(denoiser: nn.Module, routing: str) -> None:
+    """How the adapters of `denoiser` apply the rank schedule: `"auto"`, `"mask"` or `"skip"`.
+
+    All give the same outputs. On a CPU, skipping the inactive components is faster and costs nothing, so
+    `"auto"` does it. On an accelerator the timesteps usually live on the device, where reading the rank
+    means waiting for the queued work once per call; `"auto"` uses masks there, `"skip"` reads the rank
+    anyway. Under torch.compile masks are always used, so that the rank changing from step to step does not
+    recompile the graph.
+    """
+    if routing not in RANK_ROUTINGS:
+        choices = "; ".join(f"{name!r}: {text}" for name, text in RANK_ROUTINGS.items())
+        raise ValueError(f"Unknown rank routing {routing!r}; expected one of {choices}.")
+    router = get_router(denoiser)
+    if router is None:
+        raise TLoraInjectionError("No T-LoRA adapter is loaded into this denoiser; load one first.")
+    router.rank_routing = routing
 
 
 def inject_tlora(

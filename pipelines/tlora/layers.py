@@ -8,8 +8,7 @@ active components, which lets the layers skip the masked-out components entirely
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +23,15 @@ class RankState:
 
     mask: torch.Tensor | None = None  # (B, R) or (1, R); None when `active_rank` says it all
     active_rank: int | None = None  # set when all samples share one rank that is known on the host
+    _paired_mask: torch.Tensor | None = field(default=None, repr=False)
 
-    @cached_property
+    @property
     def paired_mask(self) -> torch.Tensor:
-        # the folded ortho factors interleave trained and frozen components (see OrthoTLoraAdapter)
-        return self.mask.repeat_interleave(2, dim=-1)
+        # the folded ortho factors interleave trained and frozen components (see OrthoTLoraAdapter); computed
+        # once per call, by hand rather than with functools.cached_property, whose lock torch.compile cannot trace
+        if self._paired_mask is None:
+            self._paired_mask = self.mask.repeat_interleave(2, dim=-1)
+        return self._paired_mask
 
 
 def _skip_inactive(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, active: int) -> torch.Tensor:
@@ -147,15 +150,22 @@ class OrthoTLoraAdapter(TLoraAdapter):
             trained.copy_(value)
             frozen.copy_(value)
 
-    def _folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Both branches as one rank-2R product, `lam` folded into the up factor, trained and frozen
         components interleaved so that the first `2k` rows/columns are the `k` active pairs."""
+        down = torch.stack((self.down, self.down_base), dim=1).reshape(2 * self.rank, self.in_features)
+        up = torch.stack((self.up * self.lam, -(self.up_base * self.lam_base)), dim=2)
+        return down, up.reshape(self.out_features, 2 * self.rank)
+
+    def _folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_fold()`, cached until a parameter or buffer changes. A compiled graph folds on every call instead:
+        the compiler cannot see tensor versions, and the fold is small next to the products it feeds."""
+        if torch.compiler.is_compiling():
+            return self._fold()
         tensors = (self.down, self.up, self.lam, self.down_base, self.up_base, self.lam_base)
         key = tuple((id(t), t._version) for t in tensors)
         if self._folded is None or self._folded[0] != key:
-            down = torch.stack((self.down, self.down_base), dim=1).reshape(2 * self.rank, self.in_features)
-            up = torch.stack((self.up * self.lam, -(self.up_base * self.lam_base)), dim=2)
-            self._folded = (key, down, up.reshape(self.out_features, 2 * self.rank))
+            self._folded = (key, *self._fold())
         return self._folded[1], self._folded[2]
 
     def _two_branch_update(self, x: torch.Tensor, state: RankState) -> torch.Tensor:
