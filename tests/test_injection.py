@@ -197,3 +197,54 @@ def test_timestep_batch_must_match_sample_batch(tiny_pipe):
     add_random_tlora(unet)
     with pytest.raises(TLoraInjectionError, match="Got 2 timesteps for a batch of 3"):
         run_unet(unet, unet_inputs(unet, batch=3), torch.tensor([1, 2]))
+
+
+def _expected_rank(t: int, rank: int, min_rank: int) -> int:
+    return int((1000 - t) / 1000 * (rank - min_rank)) + min_rank
+
+
+@pytest.mark.parametrize("variant", ["ortho", "vanilla"])
+def test_rank_routings_give_the_same_outputs_and_gradients(tiny_pipe, variant):
+    unet = tiny_pipe.unet.requires_grad_(False)
+    add_random_tlora(unet, variant=variant, init="random-last" if variant == "ortho" else "normal")
+    inputs = unet_inputs(unet, batch=2)
+    router = get_router(unet)
+    outputs, gradients, states = {}, {}, {}
+    for routing in ("mask", "auto", "skip"):
+        tl.set_rank_routing(unet, routing)
+        with torch.no_grad():
+            outputs[routing] = run_unet(unet, inputs, torch.tensor(600))
+        states[routing] = router.states["default"]
+        gradients[routing] = grads(unet, inputs, torch.tensor([600, 600]))
+
+    assert states["mask"].active_rank is None and states["mask"].mask.sum().item() == _expected_rank(600, 16, 8)
+    assert states["auto"].active_rank == states["skip"].active_rank == _expected_rank(600, 16, 8)
+    for routing in ("auto", "skip"):
+        torch.testing.assert_close(outputs[routing], outputs["mask"], atol=1e-5, rtol=1e-5)
+        for name, gradient in gradients[routing].items():
+            torch.testing.assert_close(gradient, gradients["mask"][name], atol=1e-6, rtol=1e-5)
+    # samples of one batch at different ranks keep their masks whatever the routing
+    run_unet(unet, inputs, torch.tensor([100, 900]))
+    assert router.states["default"].mask.sum(dim=1).tolist() == [_expected_rank(t, 16, 8) for t in (100, 900)]
+
+
+def test_compilation_routes_ranks_through_masks(tiny_pipe, monkeypatch):
+    unet = tiny_pipe.unet
+    add_random_tlora(unet)
+    tl.set_rank_routing(unet, "skip")
+    # a Python rank would be a constant of a compiled graph, so it would compile again at every new rank
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        run_unet(unet, unet_inputs(unet, batch=1), torch.tensor(600))
+    state = get_router(unet).states["default"]
+    assert state.active_rank is None and state.mask.sum().item() == _expected_rank(600, 16, 8)
+
+
+def test_unknown_rank_routing_is_refused(tiny_pipe):
+    unet = tiny_pipe.unet
+    with pytest.raises(TLoraInjectionError, match="No T-LoRA adapter is loaded"):
+        tl.set_rank_routing(unet, "skip")
+    add_random_tlora(unet)
+    with pytest.raises(ValueError, match="Unknown rank routing 'fast'; expected one of 'auto'"):
+        tl.set_rank_routing(unet, "fast")
+    assert get_router(unet).rank_routing == "auto"
