@@ -7,6 +7,10 @@
 #   make fixtures-small build the larger benchmark-sized one in outputs/small-FAMILY
 #   make fixtures-all   build both sizes of every family
 #   make demo           run scripts/demo.py (DEMO_ARGS are passed on)
+#   make gpu-wheels     download the diffusers and bitsandbytes wheels an offline GPU machine lacks into .whl/
+#                       (for GPU_PYTHON_VERSION, default 3.12, Linux x86_64; needs network access)
+#   make gpu-check      on the GPU machine: scripts/gpu_check.py with its own Python (GPU_PYTHON, default python3),
+#                       installing the wheels from .whl/ if needed; results in bench/ (GPU_CHECK_ARGS passed on)
 #   make clean          remove outputs/ and caches (keeps .venv); make distclean also removes .venv
 #
 # torch is installed on its own, before the other requirements, so that the
@@ -23,11 +27,16 @@ PYTEST_ARGS ?= -q tests
 DEMO_ARGS ?=
 FAMILY ?= sdxl
 FAMILIES := sd sdxl flux
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_CHECK_ARGS ?=
+WHEELS := .whl
+WHEELS_LIMIT_MB := 60
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fixtures fixtures-small fixtures-all demo clean distclean
+.PHONY: venv test fixtures fixtures-small fixtures-all demo gpu-wheels gpu-check clean distclean
 
 venv: $(STAMP)
 
@@ -58,6 +67,19 @@ outputs/small-%/model_index.json: $(FIXTURE_SOURCES)
 
 demo: venv
 	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+# The versions this checkout is tested with, as wheels for the GPU machine's Python (manylinux: bitsandbytes ships
+# one wheel with its CUDA libraries for every CUDA version).
+gpu-wheels: venv
+	$(PY) -m pip download --no-deps --only-binary=:all: --implementation cp --python-version $(GPU_PYTHON_VERSION) \
+		--platform manylinux_2_24_x86_64 --dest $(WHEELS) \
+		"diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')" \
+		"bitsandbytes==$$($(PY) -c 'import importlib.metadata as m; print(m.version("bitsandbytes"))')"
+	@size=$$(du -sm $(WHEELS) | cut -f1); echo "$(WHEELS): $$size MB"; \
+		test $$size -le $(WHEELS_LIMIT_MB) || { echo "$(WHEELS) exceeds $(WHEELS_LIMIT_MB) MB"; exit 1; }
+
+gpu-check:
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) scripts/gpu_check.py --wheels $(WHEELS) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -305,7 +306,7 @@ def infer_section(results: Results, budget: Budget, setup: Setup, workdir: Path)
         budget.took("infer-load", time.monotonic() - start)
     del base
     # all rounds together; the time of one round is known only after the first
-    times = benchmark.interleaved_times(runners, setup.infer_repeats, setup.device)
+    times = benchmark.interleaved_times(runners, setup.infer_repeats, setup.device) if runners else {}
     for name, samples in times.items():
         row = {"section": "infer", "name": name, "label": labels[name], "unit": "ms/step"}
         row |= {"median_s": statistics.median(samples) / setup.infer_steps}
@@ -510,10 +511,19 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
     signal.alarm(int(setup.budget_s + 45))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            train_section(results, budget, setup, checkpointing=True)
-            infer_section(results, budget, setup, Path(tmp))
-            train_section(results, budget, setup, checkpointing=False)
-            compiled_section(results, budget, setup, Path(tmp))
+            sections = (
+                ("train", lambda: train_section(results, budget, setup, checkpointing=True)),
+                ("infer", lambda: infer_section(results, budget, setup, Path(tmp))),
+                ("train-plain", lambda: train_section(results, budget, setup, checkpointing=False)),
+                ("compiled", lambda: compiled_section(results, budget, setup, Path(tmp))),
+            )
+            for name, measure in sections:
+                try:
+                    measure()
+                except Exception as error:  # noqa: BLE001 - one failed section (out of memory, say) spares the rest
+                    traceback.print_exc()
+                    results.note(f"{name}: failed: {type(error).__name__}: {(str(error).splitlines() or [""])[0][:300]}")
+                    free_memory(setup.device)
         flux_note(results)
         xformers_note(results)
         results.data["complete"] = True
