@@ -19,9 +19,12 @@ would not hold it:
      T-LoRA and T-LoRA (each with rank masks and with inactive components skipped, see `set_rank_routing`),
      PEFT LoRA r64 and r128.
   3. Training as in 1, without gradient checkpointing and with fp32 AdamW.
-  4. Inference as in 2 with `pipe.unet = torch.compile(pipe.unet)`: compile time, ms/step, compiled graphs
-     after warm-up and after timing (equal: nothing recompiled as the rank changed), graph breaks.
-  FLUX.1 is not timed yet: the results carry a note saying so.
+  4. FLUX.1 (FLUX.1-dev's architecture), bf16: ms per denoising step with no adapter, Vanilla T-LoRA and PEFT
+     LoRA of rank 32; a training step's time and peak memory with an NF4 and a bf16 base (rank 32, 1024 px,
+     gradient checkpointing, 8-bit AdamW).
+  5. Inference as in 2 with `pipe.unet = torch.compile(pipe.unet)`: compile time, ms/step, compiled graphs
+     after warm-up and after timing (equal: nothing recompiled as the rank changed), graph breaks;
+     T-LoRA first, then no adapter, Vanilla T-LoRA and the LoRAs while the budget lasts.
 
 The JSON (`<out>/gpu-<device>-<date>.json`) is rewritten after every measurement and the Markdown table beside it
 when the run ends, also when it is cut short (SIGTERM, Ctrl-C or the budget's hard stop): what was measured is
@@ -54,6 +57,8 @@ if str(REPO_ROOT) not in sys.path:
 
 REQUIRED = {"diffusers": "diffusers", "bitsandbytes": "bitsandbytes"}  # import name: wheel name
 GIGABYTE = 2**30
+HARD_STOP_GRACE_S = 50  # after the budget: default 400 + 50 s, so that a run ends within 8 minutes
+FLUX_TEXT_TOKENS = 512  # FluxPipeline's default max_sequence_length
 INSTALL_FOLDER = "installed"  # under --wheels: packages installed from the wheels, on sys.path for this run
 
 
@@ -73,6 +78,8 @@ class Setup:
     compile_backend: str
     compiled: tuple[str, ...]  # inference configurations also timed compiled
     budget_s: float
+    flux_dtype: str
+    flux_rank: int
 
 
 FULL = Setup(
@@ -86,8 +93,10 @@ FULL = Setup(
     infer_steps=10,
     infer_repeats=5,
     compile_backend="inductor",
-    compiled=("none", "ortho", "vanilla", "lora64", "lora128"),
-    budget_s=420,
+    compiled=("ortho", "none", "vanilla", "lora64", "lora128"),  # in this order while the budget lasts
+    budget_s=400,
+    flux_dtype="bf16",
+    flux_rank=32,
 )
 SMOKE = replace(
     FULL,
@@ -103,6 +112,8 @@ SMOKE = replace(
     compile_backend="eager",  # dynamo's tracing and guards without a code generator: the paths, not the speed
     compiled=("ortho",),
     budget_s=600,
+    flux_dtype="fp32",
+    flux_rank=8,
 )
 
 
@@ -284,7 +295,8 @@ def inference_runners(pipe, adapter, call: dict, device: str) -> dict:
     if adapter.kind != "tlora":
         return {adapter.name: (adapter.label, runner(None))}
     return {
-        f"{adapter.name}:{routing}": (f"{adapter.label}, rank {routing}", runner(routing)) for routing in ("mask", "skip")
+        f"{adapter.name}:{routing}": (f"{adapter.label}, rank {routing}", runner(routing))
+        for routing in ("mask", "skip")
     }
 
 
@@ -375,11 +387,160 @@ def compiled_section(results: Results, budget: Budget, setup: Setup, workdir: Pa
 # --------------------------------------------------------------------------- other families and notes
 
 
-def flux_note(results: Results) -> None:
-    results.note(
-        "FLUX.1: not measured: this check times SD-XL only so far (torch.compile of a FLUX transformer with "
-        "T-LoRA is tested on the CPU in tests/test_compile.py)"
+def flux_conditioning(transformer, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random prompt embeddings of the transformer's widths (what T5 and CLIP would give), 512 T5 tokens."""
+    generator = torch.Generator().manual_seed(benchmark.SEED)
+    config = transformer.config
+    embeds = {
+        "prompt_embeds": torch.randn(1, FLUX_TEXT_TOKENS, config.joint_attention_dim, generator=generator),
+        "pooled_prompt_embeds": torch.randn(1, config.pooled_projection_dim, generator=generator),
+    }
+    return {key: value.to(device, dtype) for key, value in embeds.items()}
+
+
+def attach_flux_adapter(transformer, kind: str, rank: int) -> None:
+    """A non-zero Vanilla T-LoRA (the FLUX default) or PEFT LoRA of rank `rank` on the authors' FLUX projections."""
+    generator = torch.Generator().manual_seed(benchmark.SEED)
+    if kind == "tlora":
+        config = benchmark.tl.TLoraConfig.for_family("flux", rank=rank, min_rank=max(1, rank // 2))
+        layers = benchmark.tl.inject_tlora(transformer, config, generator=generator)
+        parameters = [p for layer in layers.values() for p in layer.parameters()]
+    else:
+        from peft import LoraConfig
+
+        targets = list(benchmark.tl.get_family("flux").default_target_modules)
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+        transformer.add_adapter(config)
+        parameters = [p for name, p in transformer.named_parameters() if "lora_B" in name]
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.add_(benchmark._random_like(parameter, generator))
+
+
+def flux_infer_section(results: Results, budget: Budget, setup: Setup) -> None:
+    """ms per denoising step of FluxPipeline (guidance-distilled: one transformer call per step), adapters attached
+    in turn to one transformer: three copies of a 12 B model would not leave room for the training rows."""
+    from diffusers import FluxPipeline
+
+    from scripts.make_tiny_pipeline import build_denoiser, build_scheduler, default_resolution
+
+    dtype = benchmark.DTYPES[setup.flux_dtype]
+    print(f"FLUX.1 inference, {setup.flux_dtype}, rank {setup.flux_rank}", flush=True)
+    transformer = build_denoiser("flux", setup.size, setup.device, dtype, seed=benchmark.SEED).requires_grad_(False)
+    pipe = FluxPipeline(
+        scheduler=build_scheduler("flux"),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
     )
+    pipe.set_progress_bar_config(disable=True)
+    resolution = default_resolution("flux", setup.size)
+    call = flux_conditioning(transformer, setup.device, dtype)
+    call |= dict(height=resolution, width=resolution, num_inference_steps=setup.infer_steps, output_type="latent")
+    rank = setup.flux_rank
+    rows = (("none", "no adapter"), ("tlora", f"Vanilla T-LoRA R={rank}"), ("lora", f"LoRA r={rank}"))
+    for kind, label in rows:
+        if not budget.allows("flux-infer", first_guess=30):
+            results.note(f"flux-infer: {label} skipped: not enough time left in the budget")
+            continue
+        start = time.monotonic()
+        if kind != "none":
+            attach_flux_adapter(transformer, kind, setup.flux_rank)
+
+        def run():
+            pipe(**call, generator=torch.Generator(setup.device).manual_seed(benchmark.SEED))
+
+        median, samples = median_step(run, setup.infer_repeats, setup.device)
+        row = {"section": "flux-infer", "name": kind, "label": label, "unit": "ms/step"}
+        row |= {"median_s": median / setup.infer_steps, "samples_s": [s / setup.infer_steps for s in samples]}
+        results.add(row)
+        if kind == "tlora":
+            benchmark.tl.remove_tlora(transformer)
+        elif kind == "lora":
+            transformer.delete_adapters("default")
+        budget.took("flux-infer", time.monotonic() - start)
+    del pipe, transformer
+    free_memory(setup.device)
+
+
+class FluxTrainStep:
+    """One flow-matching optimizer step of a FLUX transformer with a Vanilla T-LoRA adapter, as the training script
+    takes it: gradient checkpointing, fp32 adapter weights under bf16 autocast, 8-bit AdamW."""
+
+    def __init__(self, transformer, setup: Setup):
+        from diffusers import FluxPipeline
+
+        from scripts.make_tiny_pipeline import default_resolution
+
+        attach_flux_adapter(transformer, "tlora", setup.flux_rank)
+        for parameter in transformer.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+        transformer.enable_gradient_checkpointing()
+        self.transformer = transformer.train()
+        self.optimizer = benchmark.make_optimizer([p for p in transformer.parameters() if p.requires_grad], True)
+        dtype = benchmark.DTYPES[setup.flux_dtype]
+        self.autocast = torch.autocast(torch.device(setup.device).type, dtype=dtype, enabled=dtype != torch.float32)
+        channels = transformer.config.in_channels // 4  # latents are packed 2x2 into tokens
+        latent = default_resolution("flux", setup.size) // 8
+        generator = torch.Generator().manual_seed(benchmark.SEED)
+        latents = torch.randn(1, channels, latent, latent, generator=generator).to(setup.device, dtype)
+        self.latents = FluxPipeline._pack_latents(latents, 1, channels, latent, latent)
+        self.image_ids = FluxPipeline._prepare_latent_image_ids(1, latent // 2, latent // 2, setup.device, dtype)
+        embeds = flux_conditioning(transformer, setup.device, dtype)
+        self.inputs = {
+            "encoder_hidden_states": embeds["prompt_embeds"],
+            "pooled_projections": embeds["pooled_prompt_embeds"],
+            "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3, device=setup.device, dtype=dtype),
+            "img_ids": self.image_ids,
+        }
+        if transformer.config.guidance_embeds:
+            self.inputs["guidance"] = torch.full((1,), 3.5, device=setup.device, dtype=torch.float32)
+        self.generator = torch.Generator(setup.device).manual_seed(benchmark.SEED)
+
+    def __call__(self) -> None:
+        latents = self.latents
+        noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=latents.dtype)
+        sigma = torch.rand(1, generator=self.generator, device=latents.device)
+        noisy = (1 - sigma) * latents + sigma * noise
+        with self.autocast:
+            prediction = self.transformer(hidden_states=noisy, timestep=sigma, **self.inputs).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def flux_train_section(results: Results, budget: Budget, setup: Setup) -> None:
+    from scripts.make_tiny_pipeline import build_denoiser
+    from training.quantization import quantize_linear_layers
+
+    dtype = benchmark.DTYPES[setup.flux_dtype]
+    print(f"FLUX.1 training, rank {setup.flux_rank}, gradient checkpointing, 8-bit AdamW", flush=True)
+    for base in ("nf4", setup.flux_dtype):
+        label = f"Vanilla T-LoRA R={setup.flux_rank}, {base} base"
+        if not budget.allows("flux-train", first_guess=90):
+            results.note(f"flux-train: {label} skipped: not enough time left in the budget")
+            continue
+        start = time.monotonic()
+        transformer = build_denoiser("flux", setup.size, setup.device, dtype, seed=benchmark.SEED)
+        transformer.requires_grad_(False)
+        if base == "nf4":
+            quantize_linear_layers(transformer, "nf4", setup.device, compute_dtype=dtype)
+        free_memory(setup.device)
+        benchmark.restart_peak_memory(setup.device)
+        step = FluxTrainStep(transformer, setup)
+        step()
+        median, samples = median_step(step, setup.train_steps, setup.device)
+        row = {"section": "flux-train", "name": base, "label": label, "options": "gradient checkpointing, 8-bit AdamW"}
+        row |= {"median_s": median, "samples_s": samples, "peak_gb": benchmark.peak_memory(setup.device) / GIGABYTE}
+        results.add(row)
+        del step, transformer
+        free_memory(setup.device)
+        budget.took("flux-train", time.monotonic() - start)
 
 
 def xformers_note(results: Results) -> None:
@@ -409,6 +570,8 @@ def targets(results: Results, setup: Setup) -> list[dict]:
         return rows[top]["median_s"] / rows[bottom]["median_s"] if top in rows and bottom in rows else None
 
     ortho_peak = train["ortho"]["peak_gb"] if "ortho" in train else None
+    flux_train = results.rows("flux-train")
+    flux_nf4_peak = flux_train["nf4"]["peak_gb"] if "nf4" in flux_train else None
     return [
         target("T-LoRA training peak memory (fp16, checkpointing, 8-bit Adam)", "GB", ortho_peak, 16.0),
         target("T-LoRA training step vs PEFT LoRA of the same rank", "ratio", ratio(train, "ortho", lora), 1.10),
@@ -420,7 +583,7 @@ def targets(results: Results, setup: Setup) -> list[dict]:
         ),
         target("T-LoRA inference vs no adapter (masks)", "ratio", ratio(infer, "ortho:mask", "none"), 1.10),
         target("T-LoRA inference vs no adapter (skipping)", "ratio", ratio(infer, "ortho:skip", "none"), 1.10),
-        target("FLUX.1 NF4 training step peak memory, rank 32, 1024 px", "GB", None, 20.0),
+        target("FLUX.1 NF4 training step peak memory, rank 32, 1024 px", "GB", flux_nf4_peak, 20.0),
     ]
 
 
@@ -491,6 +654,11 @@ def device_slug(setup: Setup) -> str:
 
 
 def run(setup: Setup, out: Path, wheels: Path) -> dict:
+    budget = Budget(setup.budget_s)  # counted from here: installing and importing packages take part of it
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGALRM, _stop)
+    # the hard stop: a measurement that overruns its estimate is cut short, and what came before kept
+    signal.alarm(int(setup.budget_s + HARD_STOP_GRACE_S))
     notes = ensure_packages(wheels)
     import_project()
     import diffusers
@@ -504,17 +672,14 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
         results.note(text)
     print(f"writing {path}", flush=True)
 
-    budget = Budget(setup.budget_s)
-    # the hard stop: a measurement that overruns its estimate is cut short, and what came before kept
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGALRM, _stop)
-    signal.alarm(int(setup.budget_s + 45))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             sections = (
                 ("train", lambda: train_section(results, budget, setup, checkpointing=True)),
                 ("infer", lambda: infer_section(results, budget, setup, Path(tmp))),
                 ("train-plain", lambda: train_section(results, budget, setup, checkpointing=False)),
+                ("flux-infer", lambda: flux_infer_section(results, budget, setup)),
+                ("flux-train", lambda: flux_train_section(results, budget, setup)),
                 ("compiled", lambda: compiled_section(results, budget, setup, Path(tmp))),
             )
             for name, measure in sections:
@@ -522,9 +687,9 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
                     measure()
                 except Exception as error:  # noqa: BLE001 - one failed section (out of memory, say) spares the rest
                     traceback.print_exc()
-                    results.note(f"{name}: failed: {type(error).__name__}: {(str(error).splitlines() or [""])[0][:300]}")
+                    first_line = (str(error).splitlines() or [""])[0][:300]
+                    results.note(f"{name}: failed: {type(error).__name__}: {first_line}")
                     free_memory(setup.device)
-        flux_note(results)
         xformers_note(results)
         results.data["complete"] = True
     except (TimeUp, KeyboardInterrupt) as stop:

@@ -32,6 +32,8 @@ def test_smoke_run_measures_every_section(tmp_path):
         "infer": ["none", "vanilla:mask", "vanilla:skip", "ortho:mask", "ortho:skip", "lora8", "lora16"],
         "train-plain": ["lora8", "vanilla", "ortho"],
         "compiled": ["ortho"],
+        "flux-infer": ["none", "tlora", "lora"],
+        "flux-train": ["nf4", "fp32"],
     }
     for row in data["rows"]:
         assert row.get("median_s", 1) > 0 and row.get("peak_gb", 1) > 0
@@ -43,7 +45,8 @@ def test_smoke_run_measures_every_section(tmp_path):
     # a smoke run's ratios are not held against the full-size limits
     assert {target["passed"] for target in data["targets"]} == {None}
     assert "| T-LoRA inference vs no adapter (masks) |" in table and "not judged" in table
-    assert any(note.startswith("FLUX.1: not measured") for note in data["notes"])
+    (flux_nf4,) = [t for t in data["targets"] if t["target"].startswith("FLUX.1 NF4")]
+    assert flux_nf4["value"] == pytest.approx(next(r["peak_gb"] for r in data["rows"] if r["name"] == "nf4"))
 
 
 def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
@@ -68,10 +71,11 @@ def test_a_short_budget_skips_configurations_with_a_note(tmp_path, monkeypatch):
 
     assert data["complete"] and data["rows"] == []
     skipped = [note for note in data["notes"] if "skipped: not enough time left" in note]
-    assert len(skipped) == 6 and skipped[0] == "train: LoRA r=8 skipped: not enough time left in the budget"
+    assert len(skipped) == 6 + 5 and skipped[0] == "train: LoRA r=8 skipped: not enough time left in the budget"
 
 
 def test_missing_packages_without_wheels_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "REQUIRED", {"surely_not_installed_package": "surely-not-installed-package"})
-    with pytest.raises(SystemExit, match="surely_not_installed_package not installed and no wheels in .*make gpu-wheels"):
+    expected = "surely_not_installed_package not installed and no wheels in .*make gpu-wheels"
+    with pytest.raises(SystemExit, match=expected):
         gpu_check.ensure_packages(tmp_path)
