@@ -117,8 +117,9 @@ SMOKE = replace(
 )
 
 
-class TimeUp(Exception):
-    """Raised by SIGTERM or the budget's hard stop so that the results gathered so far are written."""
+class TimeUp(BaseException):
+    """Raised by SIGTERM or the budget's hard stop so that the results gathered so far are written; a
+    BaseException, like KeyboardInterrupt, so that the handler of a failed section does not swallow it."""
 
 
 def _stop(signum, frame):
@@ -505,7 +506,7 @@ class FluxTrainStep:
         latents = self.latents
         noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=latents.dtype)
         sigma = torch.rand(1, generator=self.generator, device=latents.device)
-        noisy = (1 - sigma) * latents + sigma * noise
+        noisy = ((1 - sigma) * latents + sigma * noise).to(latents.dtype)  # as the pipeline's latents
         with self.autocast:
             prediction = self.transformer(hidden_states=noisy, timestep=sigma, **self.inputs).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
