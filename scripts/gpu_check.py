@@ -34,7 +34,6 @@ kept. `--smoke` runs the same code on the tiny random fixture on the CPU, so the
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import importlib.util
@@ -58,7 +57,6 @@ if str(REPO_ROOT) not in sys.path:
 REQUIRED = {"diffusers": "diffusers", "bitsandbytes": "bitsandbytes"}  # import name: wheel name
 GIGABYTE = 2**30
 HARD_STOP_GRACE_S = 50  # after the budget: default 400 + 50 s, so that a run ends within 8 minutes
-FLUX_TEXT_TOKENS = 512  # FluxPipeline's default max_sequence_length
 INSTALL_FOLDER = "installed"  # under --wheels: packages installed from the wheels, on sys.path for this run
 
 
@@ -288,7 +286,7 @@ def inference_runners(pipe, adapter, call: dict, device: str) -> dict:
     def runner(routing: str | None):
         def run():
             if routing is not None:
-                benchmark.tl.set_rank_routing(pipe.unet, routing)
+                benchmark.tl.set_rank_routing(benchmark.tl.denoiser_of(pipe)[0], routing)
             pipe(**call, generator=torch.Generator(device).manual_seed(benchmark.SEED))
 
         return run
@@ -301,27 +299,49 @@ def inference_runners(pipe, adapter, call: dict, device: str) -> dict:
     }
 
 
-def infer_section(results: Results, budget: Budget, setup: Setup, workdir: Path) -> None:
-    print(f"SD-XL inference, {setup.resolution} px, {setup.dtype}, CFG, eager", flush=True)
-    dtype = benchmark.DTYPES[setup.dtype]
-    base, scheduler = benchmark.build_base_unet(setup.size, setup.device, dtype)
-    call = benchmark.pipeline_arguments(base.config, setup.resolution, setup.infer_steps, setup.device, dtype)
+def family_settings(setup: Setup, family: str) -> tuple[str, int, int]:
+    """(dtype, rank, min rank) of `family` in this run: SD-XL in fp16 at rank 64, FLUX.1 in bf16 at rank 32."""
+    if family == "flux":
+        return setup.flux_dtype, setup.flux_rank, max(1, setup.flux_rank // 2)
+    return setup.dtype, setup.rank, setup.min_rank
+
+
+def pipeline_setup(setup: Setup, family: str):
+    """scripts/benchmark.py's (base denoiser, stock-pipeline factory, timed call's arguments) for `family`."""
+    from scripts.make_tiny_pipeline import default_resolution
+
+    dtype, _, _ = family_settings(setup, family)
+    args = argparse.Namespace(
+        family=family,
+        size=setup.size,
+        device=setup.device,
+        steps=setup.infer_steps,
+        resolution=default_resolution(family, setup.size),
+    )
+    return benchmark.inference_setup(args, benchmark.DTYPES[dtype])
+
+
+def infer_section(results: Results, budget: Budget, setup: Setup, workdir: Path, family: str = "sdxl") -> None:
+    section = "infer" if family == "sdxl" else f"{family}-infer"
+    dtype, rank, min_rank = family_settings(setup, family)
+    print(f"{family} inference, {dtype}, rank {rank}, eager", flush=True)
+    base, make_pipeline, call = pipeline_setup(setup, family)
     runners, labels = {}, {}
-    for adapter in benchmark.infer_adapters(setup.rank):
-        if not budget.allows("infer-load", first_guess=20):
-            results.note(f"infer: {adapter.label} skipped: not enough time left in the budget")
+    for adapter in benchmark.infer_adapters(rank, family):
+        if not budget.allows(section, first_guess=20):
+            results.note(f"{section}: {adapter.label} skipped: not enough time left in the budget")
             continue
         start = time.monotonic()
-        pipe = benchmark.inference_pipeline(copy.deepcopy(base), scheduler)
-        benchmark.attach_for_inference(pipe, adapter, setup.min_rank, workdir / adapter.name)
+        pipe = make_pipeline()
+        benchmark.attach_for_inference(pipe, adapter, min_rank, workdir / f"{section}-{adapter.name}")
         for name, (label, run) in inference_runners(pipe, adapter, call, setup.device).items():
             runners[name], labels[name] = run, label
-        budget.took("infer-load", time.monotonic() - start)
-    del base
+        budget.took(section, time.monotonic() - start)
+    del base, make_pipeline
     # all rounds together; the time of one round is known only after the first
     times = benchmark.interleaved_times(runners, setup.infer_repeats, setup.device) if runners else {}
     for name, samples in times.items():
-        row = {"section": "infer", "name": name, "label": labels[name], "unit": "ms/step"}
+        row = {"section": section, "name": name, "label": labels[name], "unit": "ms/step"}
         row |= {"median_s": statistics.median(samples) / setup.infer_steps}
         row |= {"samples_s": [sample / setup.infer_steps for sample in samples]}
         results.add(row)
@@ -347,9 +367,7 @@ def graph_breaks() -> int:
 
 def compiled_section(results: Results, budget: Budget, setup: Setup, workdir: Path) -> None:
     print(f"SD-XL inference, torch.compile (backend {setup.compile_backend})", flush=True)
-    dtype = benchmark.DTYPES[setup.dtype]
-    base, scheduler = benchmark.build_base_unet(setup.size, setup.device, dtype)
-    call = benchmark.pipeline_arguments(base.config, setup.resolution, setup.infer_steps, setup.device, dtype)
+    base, make_pipeline, call = pipeline_setup(setup, "sdxl")
     for adapter in benchmark.infer_adapters(setup.rank):
         if adapter.name not in setup.compiled:
             continue
@@ -359,7 +377,7 @@ def compiled_section(results: Results, budget: Budget, setup: Setup, workdir: Pa
         start = time.monotonic()
         torch._dynamo.reset()
         breaks_before = graph_breaks()
-        pipe = benchmark.inference_pipeline(copy.deepcopy(base), scheduler)
+        pipe = make_pipeline()
         benchmark.attach_for_inference(pipe, adapter, setup.min_rank, workdir / f"compiled-{adapter.name}")
         backend = CountingBackend(setup.compile_backend)
         pipe.unet = torch.compile(pipe.unet, backend=backend)
@@ -388,118 +406,29 @@ def compiled_section(results: Results, budget: Budget, setup: Setup, workdir: Pa
 # --------------------------------------------------------------------------- other families and notes
 
 
-def flux_conditioning(transformer, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random prompt embeddings of the transformer's widths (what T5 and CLIP would give), 512 T5 tokens."""
-    generator = torch.Generator().manual_seed(benchmark.SEED)
-    config = transformer.config
-    embeds = {
-        "prompt_embeds": torch.randn(1, FLUX_TEXT_TOKENS, config.joint_attention_dim, generator=generator),
-        "pooled_prompt_embeds": torch.randn(1, config.pooled_projection_dim, generator=generator),
-    }
-    return {key: value.to(device, dtype) for key, value in embeds.items()}
-
-
-def attach_flux_adapter(transformer, kind: str, rank: int) -> None:
-    """A non-zero Vanilla T-LoRA (the FLUX default) or PEFT LoRA of rank `rank` on the authors' FLUX projections."""
-    generator = torch.Generator().manual_seed(benchmark.SEED)
-    if kind == "tlora":
-        config = benchmark.tl.TLoraConfig.for_family("flux", rank=rank, min_rank=max(1, rank // 2))
-        layers = benchmark.tl.inject_tlora(transformer, config, generator=generator)
-        parameters = [p for layer in layers.values() for p in layer.parameters()]
-    else:
-        from peft import LoraConfig
-
-        targets = list(benchmark.tl.get_family("flux").default_target_modules)
-        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
-        transformer.add_adapter(config)
-        parameters = [p for name, p in transformer.named_parameters() if "lora_B" in name]
-    with torch.no_grad():
-        for parameter in parameters:
-            parameter.add_(benchmark._random_like(parameter, generator))
-
-
-def flux_infer_section(results: Results, budget: Budget, setup: Setup) -> None:
-    """ms per denoising step of FluxPipeline (guidance-distilled: one transformer call per step), adapters attached
-    in turn to one transformer: three copies of a 12 B model would not leave room for the training rows."""
-    from diffusers import FluxPipeline
-
-    from scripts.make_tiny_pipeline import build_denoiser, build_scheduler, default_resolution
-
-    dtype = benchmark.DTYPES[setup.flux_dtype]
-    print(f"FLUX.1 inference, {setup.flux_dtype}, rank {setup.flux_rank}", flush=True)
-    transformer = build_denoiser("flux", setup.size, setup.device, dtype, seed=benchmark.SEED).requires_grad_(False)
-    pipe = FluxPipeline(
-        scheduler=build_scheduler("flux"),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    resolution = default_resolution("flux", setup.size)
-    call = flux_conditioning(transformer, setup.device, dtype)
-    call |= dict(height=resolution, width=resolution, num_inference_steps=setup.infer_steps, output_type="latent")
-    rank = setup.flux_rank
-    rows = (("none", "no adapter"), ("tlora", f"Vanilla T-LoRA R={rank}"), ("lora", f"LoRA r={rank}"))
-    for kind, label in rows:
-        if not budget.allows("flux-infer", first_guess=30):
-            results.note(f"flux-infer: {label} skipped: not enough time left in the budget")
-            continue
-        start = time.monotonic()
-        if kind != "none":
-            attach_flux_adapter(transformer, kind, setup.flux_rank)
-
-        def run():
-            pipe(**call, generator=torch.Generator(setup.device).manual_seed(benchmark.SEED))
-
-        median, samples = median_step(run, setup.infer_repeats, setup.device)
-        row = {"section": "flux-infer", "name": kind, "label": label, "unit": "ms/step"}
-        row |= {"median_s": median / setup.infer_steps, "samples_s": [s / setup.infer_steps for s in samples]}
-        results.add(row)
-        if kind == "tlora":
-            benchmark.tl.remove_tlora(transformer)
-        elif kind == "lora":
-            transformer.delete_adapters("default")
-        budget.took("flux-infer", time.monotonic() - start)
-    del pipe, transformer
-    free_memory(setup.device)
-
-
 class FluxTrainStep:
     """One flow-matching optimizer step of a FLUX transformer with a Vanilla T-LoRA adapter, as the training script
     takes it: gradient checkpointing, fp32 adapter weights under bf16 autocast, 8-bit AdamW."""
 
     def __init__(self, transformer, setup: Setup):
-        from diffusers import FluxPipeline
-
         from scripts.make_tiny_pipeline import default_resolution
 
-        attach_flux_adapter(transformer, "tlora", setup.flux_rank)
+        dtype_name, rank, min_rank = family_settings(setup, "flux")
+        adapter = benchmark.Adapter("vanilla", f"Vanilla T-LoRA R={rank}", "tlora", rank, "vanilla")
+        config = benchmark.tlora_config(adapter, min_rank, "flux")
+        benchmark.tl.inject_tlora(transformer, config, generator=torch.Generator().manual_seed(benchmark.SEED))
         for parameter in transformer.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
         transformer.enable_gradient_checkpointing()
         self.transformer = transformer.train()
         self.optimizer = benchmark.make_optimizer([p for p in transformer.parameters() if p.requires_grad], True)
-        dtype = benchmark.DTYPES[setup.flux_dtype]
+        dtype = benchmark.DTYPES[dtype_name]
         self.autocast = torch.autocast(torch.device(setup.device).type, dtype=dtype, enabled=dtype != torch.float32)
-        channels = transformer.config.in_channels // 4  # latents are packed 2x2 into tokens
-        latent = default_resolution("flux", setup.size) // 8
-        generator = torch.Generator().manual_seed(benchmark.SEED)
-        latents = torch.randn(1, channels, latent, latent, generator=generator).to(setup.device, dtype)
-        self.latents = FluxPipeline._pack_latents(latents, 1, channels, latent, latent)
-        self.image_ids = FluxPipeline._prepare_latent_image_ids(1, latent // 2, latent // 2, setup.device, dtype)
-        embeds = flux_conditioning(transformer, setup.device, dtype)
-        self.inputs = {
-            "encoder_hidden_states": embeds["prompt_embeds"],
-            "pooled_projections": embeds["pooled_prompt_embeds"],
-            "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3, device=setup.device, dtype=dtype),
-            "img_ids": self.image_ids,
-        }
-        if transformer.config.guidance_embeds:
-            self.inputs["guidance"] = torch.full((1,), 3.5, device=setup.device, dtype=torch.float32)
+        resolution = default_resolution("flux", setup.size)
+        text_tokens = benchmark.FLUX_TEXT_TOKENS[setup.size]
+        self.inputs = benchmark.flux_inputs(transformer.config, text_tokens, resolution, setup.device, dtype)
+        self.latents = self.inputs.pop("hidden_states")  # packed latents: 2x2 patches per token
         self.generator = torch.Generator(setup.device).manual_seed(benchmark.SEED)
 
     def __call__(self) -> None:
@@ -516,7 +445,6 @@ class FluxTrainStep:
 
 
 def flux_train_section(results: Results, budget: Budget, setup: Setup) -> None:
-    from scripts.make_tiny_pipeline import build_denoiser
     from training.quantization import quantize_linear_layers
 
     dtype = benchmark.DTYPES[setup.flux_dtype]
@@ -527,8 +455,7 @@ def flux_train_section(results: Results, budget: Budget, setup: Setup) -> None:
             results.note(f"flux-train: {label} skipped: not enough time left in the budget")
             continue
         start = time.monotonic()
-        transformer = build_denoiser("flux", setup.size, setup.device, dtype, seed=benchmark.SEED)
-        transformer.requires_grad_(False)
+        transformer, _ = benchmark.build_base_flux(setup.size, setup.device, dtype)
         if base == "nf4":
             quantize_linear_layers(transformer, "nf4", setup.device, compute_dtype=dtype)
         free_memory(setup.device)
@@ -679,7 +606,7 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
                 ("train", lambda: train_section(results, budget, setup, checkpointing=True)),
                 ("infer", lambda: infer_section(results, budget, setup, Path(tmp))),
                 ("train-plain", lambda: train_section(results, budget, setup, checkpointing=False)),
-                ("flux-infer", lambda: flux_infer_section(results, budget, setup)),
+                ("flux-infer", lambda: infer_section(results, budget, setup, Path(tmp), family="flux")),
                 ("flux-train", lambda: flux_train_section(results, budget, setup)),
                 ("compiled", lambda: compiled_section(results, budget, setup, Path(tmp))),
             )
