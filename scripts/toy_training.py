@@ -75,14 +75,17 @@ def train_phase(
     loss_at_step,
     checkpoint_every: int = 200,
     log_every: int = 50,
-) -> None:
-    """The loop every phase runs: resume, `loss_at_step(step)` -> backward -> AdamW, checkpoint, log."""
+) -> int:
+    """The loop every phase runs: resume, `loss_at_step(step)` -> backward -> AdamW, checkpoint, log.
+
+    Returns the number of steps this call trained (0 when the checkpoint had finished the phase already).
+    """
     import time
 
     start = load_checkpoint(checkpoint, model, optimizer)
     if start >= steps:
         print(f"[{name}] done already ({start} steps, {checkpoint})", flush=True)
-        return
+        return 0
     if start:
         print(f"[{name}] resuming at step {start} from {checkpoint}", flush=True)
     model.train()
@@ -103,3 +106,4 @@ def train_phase(
         if done % checkpoint_every == 0 or done == steps:
             save_checkpoint(checkpoint, model, optimizer, done)
     model.eval()
+    return steps - start
