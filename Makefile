@@ -6,7 +6,10 @@
 #                       outputs/tiny-FAMILY, e.g. make fixtures FAMILY=flux
 #   make fixtures-small build the larger benchmark-sized one in outputs/small-FAMILY
 #   make fixtures-all   build both sizes of every family
-#   make demo           run scripts/demo.py (DEMO_ARGS are passed on)
+#   make demo           run scripts/demo.py on the shipped toy base model (DEMO_ARGS are passed on)
+#   make toy-base       train the toy base model and the toy CLIP from scratch into outputs/ (resumable;
+#                       about 30 min on 2 cores) and measure what the base model draws
+#   make toy-experiment the paper's Table 1 in miniature on the toy base (TOY_EXPERIMENT_ARGS are passed on)
 #   make gpu-wheels     download the diffusers and bitsandbytes wheels an offline GPU machine lacks into .whl/
 #                       (for GPU_PYTHON_VERSION, default 3.12, Linux x86_64; needs network access)
 #   make gpu-check      on the GPU machine: scripts/gpu_check.py with its own Python (GPU_PYTHON, default python3),
@@ -32,11 +35,15 @@ GPU_PYTHON_VERSION ?= 3.12
 GPU_CHECK_ARGS ?=
 WHEELS := .whl
 WHEELS_LIMIT_MB := 60
+# The toy models the demo and the experiment use: the shipped ones, or TOY_MODELS=outputs after make toy-base.
+TOY_MODELS ?= models
+TOY_EXPERIMENT_ARGS ?=
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fixtures fixtures-small fixtures-all demo gpu-wheels gpu-check clean distclean
+.PHONY: venv test fixtures fixtures-small fixtures-all demo toy-base toy-experiment gpu-wheels gpu-check clean \
+	distclean
 
 venv: $(STAMP)
 
@@ -66,7 +73,17 @@ outputs/small-%/model_index.json: $(FIXTURE_SOURCES)
 	HF_HUB_OFFLINE=1 $(PY) scripts/make_tiny_pipeline.py outputs/small-$* --family $* --size small --overwrite
 
 demo: venv
-	$(PY) scripts/demo.py $(DEMO_ARGS)
+	$(PY) scripts/demo.py --base_model $(TOY_MODELS)/toy-sdxl $(DEMO_ARGS)
+
+toy-base: venv
+	HF_HUB_OFFLINE=1 $(PY) scripts/train_toy_base.py outputs/toy-sdxl
+	HF_HUB_OFFLINE=1 $(PY) scripts/train_toy_clip.py outputs/toy-clip
+	HF_HUB_OFFLINE=1 $(PY) scripts/measure_toy_base.py --model outputs/toy-sdxl --clip_model outputs/toy-clip \
+		--output_dir outputs/toy-base-check
+
+toy-experiment: venv
+	HF_HUB_OFFLINE=1 $(PY) scripts/toy_experiment.py --base_model $(TOY_MODELS)/toy-sdxl \
+		--clip_model $(TOY_MODELS)/toy-clip --output_dir outputs/toy-experiment $(TOY_EXPERIMENT_ARGS)
 
 # The versions this checkout is tested with, as wheels for the GPU machine's Python (manylinux: bitsandbytes ships
 # one wheel with its CUDA libraries for every CUDA version).

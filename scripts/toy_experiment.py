@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""The T-LoRA paper's Table 1 in miniature: one concept image, LoRA vs Vanilla T-LoRA vs T-LoRA, on the toy base.
+
+    python scripts/toy_experiment.py --base_model outputs/toy-base --clip_model outputs/toy-clip \
+        --output_dir outputs/toy-experiment [--ranks 4 8 16] [--seeds 0 1 2] [--steps 300]
+
+The claim under test: masking the high-noise ranks keeps an adapter trained on a single image from
+overfitting to it, so prompts that put the concept somewhere else are followed better (text alignment) at
+about the same concept fidelity. Every step uses the project's own command-line tools, as a user would:
+
+1. The concept: the robot of `examples/concept.png`, cut out and placed on one toy-world context (default the
+   pink background), 64 px: `OUTPUT_DIR/concept/robot.png`. The base model has never seen it.
+2. For every method, rank and seed, `train_tlora_sdxl.py` trains on that one picture with the instance prompt
+   "a photo of sks toy":
+       lora      --tlora_variant vanilla --min_rank R     (no mask: standard LoRA)
+       vanilla   --tlora_variant vanilla --min_rank R/2   (Vanilla T-LoRA: masked, plain factors)
+       tlora     --tlora_variant ortho   --min_rank R/2   (T-LoRA: masked, orthogonal factors)
+3. For every seed, `scripts/evaluate.py` generates "a photo of sks toy" and the contextual prompts of
+   `TOY_PROMPTS` for all adapters and the base model, and scores them with the toy CLIP (`--clip_model`,
+   IS and TS) and its vision tower (`--dino_model`, DINO-IS).
+4. Mean and standard deviation over seeds: `results.md`, `results.json` and `tradeoff.png` (text alignment
+   against concept fidelity, one point per method and rank).
+
+Adapters and evaluations already on disk are reused, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scripts import toy_world  # noqa: E402
+
+CONCEPT = "sks toy"
+INSTANCE_PROMPT = f"a photo of {CONCEPT}"
+CONCEPT_IMAGE = REPO_ROOT / "examples" / "concept.png"
+TOY_PROMPTS = {
+    "base_prompt": "a photo of {}",
+    "num_complex": 0,
+    "toy": [
+        "a {} on the beach",
+        "a {} in the snow",
+        "a {} at night",
+        "a {} on the grass",
+        "a {} on a blue background",
+        "a {} on a yellow background",
+    ],
+}
+METHODS = {
+    "lora": ("vanilla", lambda rank: rank),
+    "vanilla": ("vanilla", lambda rank: max(1, rank // 2)),
+    "tlora": ("ortho", lambda rank: max(1, rank // 2)),
+}
+BASE_ROW = "base"  # evaluate.py's row of the base model without an adapter
+METHOD_NAMES = {"lora": "LoRA", "vanilla": "Vanilla T-LoRA", "tlora": "T-LoRA", BASE_ROW: "base model"}
+METRICS = ("IS", "DINO_IS", "TS")
+ADAPTER_FILE = "pytorch_tlora_weights.safetensors"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base_model", required=True, help="the toy base model folder (train_toy_base.py)")
+    parser.add_argument("--clip_model", required=True, help="the toy CLIP folder (train_toy_clip.py)")
+    parser.add_argument("--output_dir", required=True, help="where adapters, evaluations and results go")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS), help="methods")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16], help="maximum ranks (default 4 8 16)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per adapter (default 300)")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    parser.add_argument("--context", default="pink background", help="the concept picture's context")
+    parser.add_argument("--images_per_prompt", type=int, default=4, help="images per contextual prompt (4)")
+    parser.add_argument("--base_prompt_images", type=int, default=8, help='images of "a photo of sks toy" (8)')
+    parser.add_argument("--num_inference_steps", type=int, default=20, help="denoising steps (default 20)")
+    args = parser.parse_args(argv)
+    if args.context not in toy_world.CONTEXTS:
+        parser.error(f"--context {args.context!r} is not a toy-world context; use one of {', '.join(toy_world.CONTEXTS)}")
+    for name in ("steps", "images_per_prompt", "base_prompt_images", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if min(args.ranks) < 1:
+        parser.error(f"--ranks must be at least 1, got {args.ranks}")
+    for folder, what in ((args.base_model, "--base_model"), (args.clip_model, "--clip_model")):
+        if not Path(folder).is_dir():
+            parser.error(f"{what} {folder} is not a folder (make toy-base builds both models)")
+    return args
+
+
+def environment() -> dict[str, str]:
+    # One thread: the models are small and the machine is often shared; extra threads mostly wait.
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+
+
+def run_tool(command: list[str], log: Path) -> None:
+    """Run one of the project's scripts, its output in `log`; a failure names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w", encoding="utf-8") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=environment(), cwd=REPO_ROOT)
+    if result.returncode != 0:
+        tail = "".join(log.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{command[1]} failed (exit {result.returncode}); log {log}:\n{tail}")
+
+
+def adapter_name(method: str, rank: int) -> str:
+    return f"{method}-r{rank}"
+
+
+def train(args, concept: Path, method: str, rank: int, seed: int) -> Path:
+    output = Path(args.output_dir) / "adapters" / f"seed-{seed}" / adapter_name(method, rank)
+    if (output / ADAPTER_FILE).is_file():
+        return output
+    variant, min_rank = METHODS[method]
+    command = [
+        sys.executable, str(REPO_ROOT / "train_tlora_sdxl.py"),
+        "--pretrained_model_name_or_path", args.base_model,
+        "--instance_data_dir", str(concept),
+        "--instance_prompt", INSTANCE_PROMPT,
+        "--resolution", str(toy_world.IMAGE_SIZE),
+        "--rank", str(rank),
+        "--min_rank", str(min_rank(rank)),
+        "--tlora_variant", variant,
+        "--learning_rate", str(args.learning_rate),
+        "--max_train_steps", str(args.steps),
+        "--checkpointing_steps", str(args.steps),
+        "--checkpoints_total_limit", "1",
+        "--report_to", "none",
+        "--mixed_precision", "no",
+        "--seed", str(seed),
+        "--output_dir", str(output),
+    ]  # fmt: skip
+    run_tool(command, output.parent / f"{output.name}.log")
+    return output
+
+
+def evaluate(args, concept: Path, prompts: Path, adapters: dict[str, Path], seed: int) -> dict:
+    output = Path(args.output_dir) / "eval" / f"seed-{seed}"
+    command = [
+        sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"),
+        "--pretrained_model_name_or_path", args.base_model,
+        *[item for name, path in adapters.items() for item in ("--adapter", f"{name}={path}")],
+        "--adapter", f"{BASE_ROW}=none",
+        "--real_images", str(concept),
+        "--concept", CONCEPT,
+        "--prompts", str(prompts),
+        "--images_per_prompt", str(args.images_per_prompt),
+        "--base_prompt_images", str(args.base_prompt_images),
+        "--num_inference_steps", str(args.num_inference_steps),
+        "--resolution", str(toy_world.IMAGE_SIZE),
+        "--batch_size", "8",
+        "--seed", str(seed),
+        "--clip_model", args.clip_model,
+        "--dino_model", str(Path(args.clip_model) / "vision"),
+        "--device", "cpu",
+        "--output_dir", str(output),
+    ]  # fmt: skip
+    run_tool(command, output.parent / f"seed-{seed}.log")
+    return json.loads((output / "metrics.json").read_text(encoding="utf-8"))
+
+
+def summarise(per_seed: dict[int, dict]) -> dict[str, dict]:
+    """{row name: {metric: (mean, standard deviation), "seeds": n}} over the seeds' evaluations."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for metrics in per_seed.values():
+        for name, scores in metrics["adapters"].items():
+            for metric in METRICS:
+                rows.setdefault(name, {}).setdefault(metric, []).append(scores[metric])
+    return {
+        name: {
+            **{m: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for m, v in values.items()},
+            "seeds": len(next(iter(values.values()))),
+        }
+        for name, values in rows.items()
+    }
+
+
+def row_label(name: str) -> tuple[str, str]:
+    """("LoRA", "8") for "lora-r8"; ("base model", "–") for the base model's row."""
+    if name == BASE_ROW:
+        return METHOD_NAMES[BASE_ROW], "–"
+    method, rank = name.rsplit("-r", 1)
+    return METHOD_NAMES[method], rank
+
+
+def results_markdown(summary: dict, settings: dict) -> str:
+    lines = [
+        "| method | rank | IS (CLIP) | DINO-IS | TS |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in summary.items():
+        method, rank = row_label(name)
+        cells = " | ".join(f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS)
+        lines.append(f"| {method} | {rank} | {cells} |")
+    lines.append(
+        f"\nMean ± standard deviation over {len(settings['seeds'])} seeds ({', '.join(map(str, settings['seeds']))}); "
+        f"{settings['steps']} steps at lr {settings['learning_rate']}, min rank = rank / 2 for the T-LoRAs; "
+        f"{settings['base_prompt_images']} images of \"{INSTANCE_PROMPT}\" (IS, DINO-IS against the one concept "
+        f"picture) and {settings['images_per_prompt']} per contextual prompt (TS, {len(TOY_PROMPTS['toy'])} "
+        f"prompts), {settings['num_inference_steps']} steps, judged by the toy CLIP; "
+        f"{settings['minutes']:.0f} min on this machine."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4.5), dpi=120)
+    markers = {"LoRA": "o", "Vanilla T-LoRA": "s", "T-LoRA": "D", "base model": "x"}
+    seen = set()
+    for name, row in summary.items():
+        method, rank = row_label(name)
+        (ts, ts_sd), (image, image_sd) = row["TS"], row["IS"]
+        axes.errorbar(
+            ts, image, xerr=ts_sd, yerr=image_sd, fmt=markers[method], color=f"C{list(markers).index(method)}",
+            capsize=3, label=None if method in seen else method,
+        )  # fmt: skip
+        seen.add(method)
+        if rank != "–":
+            axes.annotate(f"r{rank}", (ts, image), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xlabel("text alignment (TS, toy CLIP)")
+    axes.set_ylabel("concept fidelity (IS, toy CLIP)")
+    axes.set_title("One-image concept on the toy base: fidelity vs alignment")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    began = time.perf_counter()
+    out = Path(args.output_dir)
+    concept = out / "concept" / "robot.png"
+    concept.parent.mkdir(parents=True, exist_ok=True)
+    toy_world.concept_on_context(CONCEPT_IMAGE, args.context).save(concept)
+    prompts = out / "prompts.json"
+    prompts.write_text(json.dumps(TOY_PROMPTS, indent=2) + "\n", encoding="utf-8")
+
+    per_seed = {}
+    for seed in args.seeds:
+        adapters = {}
+        for method in args.methods:
+            for rank in args.ranks:
+                print(f"[seed {seed}] training {adapter_name(method, rank)}", flush=True)
+                adapters[adapter_name(method, rank)] = train(args, concept, method, rank, seed)
+        print(f"[seed {seed}] evaluating {len(adapters)} adapters and the base model", flush=True)
+        per_seed[seed] = evaluate(args, concept, prompts, adapters, seed)
+
+    minutes = (time.perf_counter() - began) / 60
+    settings = {key: getattr(args, key) for key in vars(args)} | {"minutes": minutes}
+    summary = summarise(per_seed)
+    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": summary}, indent=2) + "\n")
+    markdown = results_markdown(summary, settings)
+    (out / "results.md").write_text(markdown, encoding="utf-8")
+    plot(summary, out / "tradeoff.png")
+    print(markdown)
+    print(f"Results: {out / 'results.md'}, plot: {out / 'tradeoff.png'} ({minutes:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
