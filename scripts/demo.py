@@ -1,18 +1,18 @@
 #!/usr/bin/env python
-"""End-to-end demo on the CPU: train a T-LoRA adapter on examples/concept.png and compare it with the base model.
+"""End-to-end demo on the CPU: teach the toy base model a robot from one picture, then place it where prompts say.
 
-    python scripts/demo.py [--size tiny|small] [--steps N] [--readme-images]
+    python scripts/demo.py [--base_model models/toy-sdxl] [--steps N] [--readme-images]
 
-1. Builds a randomly initialised, SD-XL-shaped model in outputs/demo/<size>-sdxl (reused when present).
-2. Trains with `accelerate launch train_tlora_sdxl.py ...`, exactly as a user would on a GPU.
-3. Samples a few prompts with a stock `StableDiffusionXLPipeline`, before and after
-   `pipe.load_tlora_weights(...)`, into outputs/demo/grid.png (rows: prompts; columns: base, T-LoRA).
-4. The trainer's model card, outputs/demo/tlora-<size>/README.md, shows the rank schedule over the sampler's
+1. Uses the miniature SD-XL base model trained on the toy world (`models/toy-sdxl`, shipped with the project;
+   `make toy-base` retrains it), which has never seen the robot of examples/concept.png.
+2. Places the robot on the pink background of the toy world (outputs/demo/concept.png, 64 px) and trains a
+   T-LoRA adapter on that one picture with `accelerate launch train_tlora_sdxl.py ...`, exactly as a user
+   would on a GPU.
+3. Samples a few prompts with a stock `StableDiffusionXLPipeline`, two seeds each, before and after
+   `pipe.load_tlora_weights(...)`, into outputs/demo/grid.png (rows: prompts; left: base, right: T-LoRA).
+4. The trainer's model card, outputs/demo/tlora/README.md, shows the rank schedule over the sampler's
    steps, its own base-vs-adapter grid and the loss curve. `--readme-images` copies the grid and the schedule
    plot to docs/demo/, where the project README shows them.
-
-The model is random, so the pictures are noise; the demo shows the workflow and the files it makes, and
-that the adapter changes what the pipeline draws.
 """
 
 from __future__ import annotations
@@ -33,17 +33,30 @@ if str(REPO_ROOT) not in sys.path:
 DEMO_DIR = REPO_ROOT / "outputs" / "demo"
 README_IMAGES_DIR = REPO_ROOT / "docs" / "demo"
 CONCEPT_IMAGE = REPO_ROOT / "examples" / "concept.png"
+SHIPPED_BASE = REPO_ROOT / "models" / "toy-sdxl"
+CONCEPT_CONTEXT = "pink background"
 INSTANCE_PROMPT = "a photo of sks toy"
-PROMPTS = (INSTANCE_PROMPT, "a photo of sks toy on the beach")
-RESOLUTION = {"tiny": 64, "small": 256}
+PROMPTS = (INSTANCE_PROMPT, "a sks toy on the beach", "a sks toy in the snow", "a sks toy at night")
+RESOLUTION = 64
+SAMPLING_STEPS = 20
+SEEDS = (0, 1)
+DEMO_RANK = 8
+DEMO_LEARNING_RATE = 1e-2
+DEMO_STEPS = 200
 SCHEDULE_PLOT = "rank_schedule.png"
 CARD_PLOTS = (SCHEDULE_PLOT, "validation_grid.png", "loss_curve.png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(RESOLUTION), default="tiny", help="model size (default tiny: fastest)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    parser.add_argument(
+        "--base_model",
+        type=Path,
+        default=SHIPPED_BASE,
+        help="the toy base model folder (default: the shipped models/toy-sdxl; built with train_toy_base.py "
+        "when missing, which takes about 30 minutes)",
+    )
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default {DEMO_STEPS})")
     parser.add_argument(
         "--readme-images", action="store_true", help=f"copy the grid and the card's plots to {README_IMAGES_DIR}"
     )
@@ -57,35 +70,44 @@ def demo_environment() -> dict[str, str]:
     return env
 
 
-def ensure_model(size: str) -> Path:
-    from scripts.make_tiny_pipeline import save_pipeline
-
-    folder = DEMO_DIR / f"{size}-sdxl"
+def ensure_model(folder: Path) -> Path:
     if (folder / "model_index.json").is_file():
-        print(f"Reusing the {size} model in {folder}")
+        print(f"Using the toy base model in {folder}")
         return folder
-    print(f"Building a random {size} SD-XL model in {folder}")
-    return save_pipeline(folder, "sdxl", size, overwrite=True)
+    print(f"No toy base model in {folder}: training one (about 30 minutes on 2 cores; resumable)", flush=True)
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "train_toy_base.py"), str(folder)],
+        check=True, env=demo_environment(), cwd=REPO_ROOT,
+    )  # fmt: skip
+    return folder
 
 
-def train(model: Path, output_dir: Path, size: str, steps: int) -> None:
+def make_concept_picture() -> Path:
+    from scripts.toy_world import concept_on_context
+
+    path = DEMO_DIR / "concept.png"
+    concept_on_context(CONCEPT_IMAGE, CONCEPT_CONTEXT).save(path)
+    return path
+
+
+def train(model: Path, concept: Path, output_dir: Path, steps: int) -> None:
     """Run the training script through `accelerate launch`, on the CPU, in one process."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO_ROOT / "train_tlora_sdxl.py"),
         "--pretrained_model_name_or_path", str(model),
-        "--instance_data_dir", str(CONCEPT_IMAGE),
+        "--instance_data_dir", str(concept),
         "--instance_prompt", INSTANCE_PROMPT,
-        "--resolution", str(RESOLUTION[size]),
-        "--rank", "8",
-        "--learning_rate", "1e-2",
+        "--resolution", str(RESOLUTION),
+        "--rank", str(DEMO_RANK),
+        "--learning_rate", str(DEMO_LEARNING_RATE),
         "--max_train_steps", str(steps),
         "--checkpointing_steps", str(max(1, steps // 2)),
         "--validation_prompt", *PROMPTS,
         "--num_validation_images", "1",
         "--validation_steps", str(max(1, steps // 2)),
-        "--num_inference_steps", "10",
+        "--num_inference_steps", str(SAMPLING_STEPS),
         "--seed", "0",
         "--output_dir", str(output_dir),
     ]  # fmt: skip
@@ -93,49 +115,58 @@ def train(model: Path, output_dir: Path, size: str, steps: int) -> None:
     subprocess.run(command, check=True, env=demo_environment(), cwd=REPO_ROOT)
 
 
-def sample(pipe, prompt: str, size: str):
+def sample(pipe, seed: int):
     import torch
 
-    generator = torch.Generator("cpu").manual_seed(0)
-    resolution = RESOLUTION[size]
+    generator = torch.Generator("cpu").manual_seed(seed)
     return pipe(
-        prompt, height=resolution, width=resolution, num_inference_steps=10, guidance_scale=5.0, generator=generator
-    ).images[0]
+        list(PROMPTS), height=RESOLUTION, width=RESOLUTION, num_inference_steps=SAMPLING_STEPS, guidance_scale=5.0,
+        generator=generator,
+    ).images  # fmt: skip
 
 
-def compare(model: Path, adapter_dir: Path, size: str) -> Path:
-    """Base vs T-LoRA through a stock pipeline; returns the grid's path."""
+def compare(model: Path, adapter_dir: Path) -> Path:
+    """Base vs T-LoRA through a stock pipeline, each prompt with every seed of SEEDS; returns the grid's path."""
     import numpy as np
+    import torch
     from diffusers import StableDiffusionXLPipeline
 
     import pipelines.tlora  # noqa: F401  (adds load_tlora_weights to the SD-XL pipelines)
     from training.card_assets import validation_grid
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    base = [sample(pipe, prompt, size) for prompt in PROMPTS]
+    base = [sample(pipe, seed) for seed in SEEDS]
     pipe.load_tlora_weights(adapter_dir)
-    tuned = [sample(pipe, prompt, size) for prompt in PROMPTS]
+    tuned = [sample(pipe, seed) for seed in SEEDS]
 
-    for prompt, before, after in zip(PROMPTS, base, tuned, strict=True):
-        change = np.abs(np.asarray(before, dtype=np.float32) - np.asarray(after, dtype=np.float32)).mean()
+    rows = []
+    for index, prompt in enumerate(PROMPTS):
+        before, after = [images[index] for images in base], [images[index] for images in tuned]
+        pairs = zip(before, after, strict=True)
+        change = np.mean([np.abs(np.asarray(b, np.float32) - np.asarray(a, np.float32)).mean() for b, a in pairs])
         print(f"  {prompt!r}: mean pixel change from the adapter {change:.1f} / 255")
-    rows = [(prompt, [before], [after]) for prompt, before, after in zip(PROMPTS, base, tuned, strict=True)]
+        rows.append((prompt, before, after))
     return validation_grid(rows, DEMO_DIR / "grid.png")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.steps < 1:
+        print(f"error: --steps must be at least 1, got {args.steps}", file=sys.stderr)
+        return 2
     os.environ.update(demo_environment())
     started = time.perf_counter()
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    model = ensure_model(args.size)
-    adapter_dir = DEMO_DIR / f"tlora-{args.size}"
-    train(model, adapter_dir, args.size, args.steps)
+    model = ensure_model(args.base_model)
+    concept = make_concept_picture()
+    adapter_dir = DEMO_DIR / "tlora"
+    train(model, concept, adapter_dir, args.steps)
     print("Sampling base vs T-LoRA:")
-    grid = compare(model, adapter_dir, args.size)
+    grid = compare(model, adapter_dir)
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(f"  grid (rows: prompts {list(PROMPTS)}; columns: base, T-LoRA): {grid}")
+    print(f"  training picture: {concept}")
     print(f"  adapter: {adapter_dir / 'pytorch_tlora_weights.safetensors'}")
     print(f"  model card: {adapter_dir / 'README.md'}, with {', '.join(CARD_PLOTS)}")
     print(f"  validation images: {adapter_dir / 'validation'}")
