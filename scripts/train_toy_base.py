@@ -7,7 +7,8 @@ The result is a regular SD-XL pipeline folder (`StableDiffusionXLPipeline.from_p
 64 px toy-world pictures from prompts such as "a red star on the beach". It keeps SD-XL's architecture so
 that the project's scripts run on it unchanged, at a size a CPU trains in minutes:
 
-    text encoders  the two random CLIP text encoders and tokenizers of `make_tiny_sdxl.py` ("tiny"), frozen:
+    text encoders  the two random CLIP text encoders and tokenizers of the tiny SD-XL fixture
+                   (`make_tiny_pipeline.py`), frozen:
                    untrained, they still give every prompt its own deterministic embedding
     VAE            AutoencoderKL, blocks (16, 32, 32): 4x downsampling, 64 px -> 16x16x4 latents; no mid-block
                    attention, so it is fully convolutional and is trained on 32 px crops (4x cheaper)
@@ -189,12 +190,12 @@ def train_unet(unet, pipe, means, stds, captions, checkpoint: Path, steps: int, 
 
 def save_pipeline(out: Path, unet, vae, seed: int) -> None:
     """The text encoders, tokenizers and scheduler of the tiny SD-XL fixture, with the trained UNet and VAE."""
-    from scripts.make_tiny_sdxl import save_tiny_sdxl
+    from scripts.make_tiny_pipeline import save_pipeline as save_fixture
 
     keep = out / "checkpoints"
     staging = out.parent / f".{out.name}.pipeline"
     shutil.rmtree(staging, ignore_errors=True)
-    save_tiny_sdxl(staging, size="tiny", seed=seed)
+    save_fixture(staging, "sdxl", "tiny", seed=seed)
     for name, model in (("unet", unet), ("vae", vae)):
         shutil.rmtree(staging / name)
         model.to(torch.float16).save_pretrained(staging / name, safe_serialization=True)
@@ -211,14 +212,14 @@ def save_pipeline(out: Path, unet, vae, seed: int) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from scripts.make_tiny_sdxl import build_tiny_sdxl_pipeline
+    from scripts.make_tiny_pipeline import build_pipeline
 
     out = Path(args.out_dir)
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
 
-    pipe = build_tiny_sdxl_pipeline("tiny", seed=args.seed)
+    pipe = build_pipeline("sdxl", "tiny", seed=args.seed)
     vae = build_vae(args.seed)
     if train_vae(vae, checkpoints / "vae.safetensors", args.vae_steps, args.seed):
         # A UNet checkpoint learnt the latents of the VAE as it was: it cannot be resumed on a changed VAE.

@@ -10,17 +10,18 @@ trains a small one contrastively on world pictures and their captions and writes
     OUT_DIR/            CLIPModel + tokenizer + image processor   (--clip_model OUT_DIR)
     OUT_DIR/vision/     its vision tower alone, CLIPVisionModel   (--dino_model OUT_DIR/vision)
 
-Captions are varied so that partial descriptions mean something too: the full caption ("a red star on the
-beach"), the object only ("a red star"), the shape without its colour ("a star on the beach") and the
-context only, with "toy" standing for any object ("a toy on the beach", which is what the experiment's
-text-alignment score compares "a sks toy on the beach" pictures with). Pictures that share a caption in a
-batch are all positives of it.
+Captions are varied so that partial descriptions mean something too, and so that every attribute has to be
+learnt: in a batch of full captions, colour and context alone almost always tell the pictures apart and the
+shape is never needed. So each step uses one caption form for its whole batch, in turn: the full caption
+("a red star on the beach"), the shape alone ("a star"), the object ("a red star"), the shape in its context
+("a star on the beach") and the context alone, with "toy" standing for any object ("a toy on the beach",
+which is what the experiment's text-alignment score compares "a sks toy on the beach" pictures with).
+Pictures that share a caption in a batch are all positives of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -40,25 +41,27 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def caption_variant(scene: toy_world.Scene, rng: random.Random) -> str:
-    """One of the caption forms the module docstring lists, drawn at random."""
+CAPTION_FORMS = ("full", "shape", "object", "shape in context", "context")
+
+
+def caption_form(scene: toy_world.Scene, form: str) -> str:
+    """The caption of `scene` in one of `CAPTION_FORMS`."""
     where = toy_world.context_phrase(scene.context)
-    form = rng.random()
-    if form < 0.5:
-        return toy_world.caption(scene)
-    if form < 0.65:
-        return f"a {scene.colour} {scene.shape}"
-    if form < 0.8:
-        return f"a {scene.shape} {where}"
-    return f"a {GENERIC_OBJECT} {where}"
+    return {
+        "full": toy_world.caption(scene),
+        "shape": f"a {scene.shape}",
+        "object": f"a {scene.colour} {scene.shape}",
+        "shape in context": f"a {scene.shape} {where}",
+        "context": f"a {GENERIC_OBJECT} {where}",
+    }[form]
 
 
 def build_clip(seed: int):
     from transformers import CLIPConfig, CLIPModel
 
-    from scripts.make_tiny_sdxl import EOS_TOKEN, build_tokenizer
+    from scripts.tiny_tokenizers import CLIP_EOS_TOKEN, build_clip_tokenizer
 
-    tokenizer = build_tokenizer(pad_token=EOS_TOKEN)
+    tokenizer = build_clip_tokenizer(pad_token=CLIP_EOS_TOKEN)
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -108,8 +111,8 @@ def train_clip(model, tokenizer, checkpoint: Path, steps: int, seed: int, batch_
 
     def loss_at_step(step: int):
         pixels, scenes = world_batch(seed + 11, step, batch_size)
-        rng = random.Random(step)
-        captions = [caption_variant(scene, rng) for scene in scenes]
+        form = CAPTION_FORMS[step % len(CAPTION_FORMS)]
+        captions = [caption_form(scene, form) for scene in scenes]
         tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
         image = model.visual_projection(model.vision_model(pixel_values=normalise(pixels)).pooler_output)
         text = model.text_projection(
@@ -141,7 +144,7 @@ def save_clip(out: Path, model, tokenizer) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (checkpoints go inside)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps, batch 64 (default 1500)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps, batch 64 (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
