@@ -70,7 +70,7 @@ def recognition(clip: ClipEmbedder, images: list[Image.Image], scenes: list[toy_
 def generate(model: str, prompts: list[str], steps: int, guidance: float, seed: int) -> list[Image.Image]:
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(prompts), 24):
