@@ -83,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_inference_steps", type=int, default=20, help="denoising steps (default 20)")
     args = parser.parse_args(argv)
     if args.context not in toy_world.CONTEXTS:
-        parser.error(f"--context {args.context!r} is not a toy-world context; use one of {', '.join(toy_world.CONTEXTS)}")
+        contexts = ", ".join(toy_world.CONTEXTS)
+        parser.error(f"--context {args.context!r} is not a toy-world context; use one of {contexts}")
     for name in ("steps", "images_per_prompt", "base_prompt_images", "num_inference_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -200,7 +201,8 @@ def results_markdown(summary: dict, settings: dict) -> str:
         cells = " | ".join(f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS)
         lines.append(f"| {method} | {rank} | {cells} |")
     lines.append(
-        f"\nMean ± standard deviation over {len(settings['seeds'])} seeds ({', '.join(map(str, settings['seeds']))}); "
+        f"\nMean ± standard deviation over {len(settings['seeds'])} seeds "
+        f"({', '.join(map(str, settings['seeds']))}); "
         f"{settings['steps']} steps at lr {settings['learning_rate']}, min rank = rank / 2 for the T-LoRAs; "
         f"{settings['base_prompt_images']} images of \"{INSTANCE_PROMPT}\" (IS, DINO-IS against the one concept "
         f"picture) and {settings['images_per_prompt']} per contextual prompt (TS, {len(TOY_PROMPTS['toy'])} "
