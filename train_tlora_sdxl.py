@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 import pipelines.tlora as tl
 from pipelines.tlora.families import SDXL
-from training.adapter import attach_adapter, method_name, tlora_config_from_args
-from training.arguments import build_parser, check_args
+from training.adapter import attach_adapter, method_name, save_adapter, tlora_config_from_args
+from training.arguments import build_parser, check_args, check_model_family
 from training.checkpoints import register_checkpoint_hooks, save_checkpoint
 from training.data import DreamBoothDataset, load_class_records, make_dataloader, training_prompts
 from training.errors import run_with_exit_codes
@@ -116,6 +116,7 @@ def parse_args(input_args=None):
     check_args(parser, args)
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         parser.error("--enable_xformers_memory_efficient_attention needs xformers, which is not installed")
+    check_model_family(parser, args, SDXL)
     return args
 
 
@@ -304,7 +305,7 @@ def finish(args, accelerator, unet, models: Models, config, repo_id, step: int, 
     """Save the adapter, sample it from the saved file, write the model card. Main process only."""
     output_dir = Path(args.output_dir)
     unet = accelerator.unwrap_model(unet)
-    written = {"Adapter": tl.save_tlora_weights(output_dir, tl.get_tlora_state_dict(unet), config)}
+    written = {"Adapter": save_adapter(output_dir, unet, config)}
     validation_paths = []
     if args.validation_prompt:
         # The final images come from the saved file, loaded the way users load it.

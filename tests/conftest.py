@@ -52,6 +52,10 @@ torch.set_num_threads(1)
 EXAMPLE_IMAGE = REPO_ROOT / "examples" / "concept.png"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a real training run end to end (left out by `make test-fast`)")
+
+
 def _quiet_loading_progress_bars() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
