@@ -2,11 +2,13 @@
 #
 #   make venv           create .venv and install the requirements (re-runs only when they change)
 #   make test           run the test suite offline (PYTEST_ARGS="-q tests -k name" to narrow it)
+#   make test-fast      the same without the end-to-end training runs (tests marked slow)
 #   make fixtures       build the tiny random pipeline of FAMILY (sd, sdxl or flux; default sdxl) in
 #                       outputs/tiny-FAMILY, e.g. make fixtures FAMILY=flux
 #   make fixtures-small build the larger benchmark-sized one in outputs/small-FAMILY
 #   make fixtures-all   build both sizes of every family
-#   make demo           run scripts/demo.py (DEMO_ARGS are passed on)
+#   make demo           run scripts/demo.py for FAMILY (sdxl or flux; DEMO_ARGS are passed on), e.g.
+#                       make demo FAMILY=flux
 #   make gpu-wheels     download the diffusers and bitsandbytes wheels an offline GPU machine lacks into .whl/
 #                       (for GPU_PYTHON_VERSION, default 3.12, Linux x86_64; needs network access)
 #   make gpu-check      on the GPU machine: scripts/gpu_check.py with its own Python (GPU_PYTHON, default python3),
@@ -36,7 +38,7 @@ WHEELS_LIMIT_MB := 60
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fixtures fixtures-small fixtures-all demo gpu-wheels gpu-check clean distclean
+.PHONY: venv test test-fast fixtures fixtures-small fixtures-all demo gpu-wheels gpu-check clean distclean
 
 venv: $(STAMP)
 
@@ -50,6 +52,9 @@ $(STAMP): requirements.txt requirements-dev.txt | $(PY)
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 fixtures: outputs/tiny-$(FAMILY)/model_index.json
 
@@ -66,7 +71,7 @@ outputs/small-%/model_index.json: $(FIXTURE_SOURCES)
 	HF_HUB_OFFLINE=1 $(PY) scripts/make_tiny_pipeline.py outputs/small-$* --family $* --size small --overwrite
 
 demo: venv
-	$(PY) scripts/demo.py $(DEMO_ARGS)
+	$(PY) scripts/demo.py --family $(FAMILY) $(DEMO_ARGS)
 
 # The versions this checkout is tested with, as wheels for the GPU machine's Python (manylinux: bitsandbytes ships
 # one wheel with its CUDA libraries for every CUDA version).

@@ -22,11 +22,10 @@ Flow matching: a sample's noisy latents are `(1 - sigma) x0 + sigma noise` with 
 follows 1000 sigma = t). Every sample of a batch draws its own t, so every sample (also the class half of a
 prior-preservation batch) trains with its own rank mask.
 
-Reproducibility: every random draw is a function of `--seed` and of the position in the run, so a run stopped
-at step N and resumed from `checkpoint-N` computes exactly what an uninterrupted run computes.
-
-Exit codes: 0 done; 1 Hub repository creation or upload failed (the local output is complete);
-2 bad command line or input; 130 stopped by Ctrl-C / SIGTERM (after saving a checkpoint).
+As in every training script here, a run stopped at step N and resumed from `checkpoint-N` computes exactly what
+an uninterrupted run computes (every random draw is a function of `--seed` and of the position in the run), and
+the exit code says how it ended: 0 done, 1 the Hub upload failed (the local output is complete), 2 bad input,
+130 stopped by Ctrl-C / SIGTERM after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -45,23 +44,31 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from PIL import Image
 from tqdm.auto import tqdm
 
-import pipelines.tlora as tl
+import pipelines.tlora  # noqa: F401  (gives the stock pipelines load_tlora_weights, used in validation)
 from pipelines.tlora.families import FLUX
 from scripts.arguments import positive_int
-from training.adapter import attach_adapter, method_name, save_adapter, tlora_config_from_args
+from training.adapter import attach_adapter, tlora_config_from_args
 from training.arguments import build_parser, check_args, check_model_family
 from training.checkpoints import register_checkpoint_hooks, save_checkpoint
-from training.data import DreamBoothDataset, load_class_records, make_dataloader, training_prompts
+from training.data import DreamBoothDataset, make_dataloader, training_prompts
 from training.errors import InputError, run_with_exit_codes
 from training.latents import batch_moments, latent_cache, sample_latents
-from training.model_card import CardFacts, write_model_card
+from training.model_card import CardFacts
 from training.optim import make_lr_scheduler, make_optimizer
 from training.quantization import QUANTIZATIONS, QuantizationError, check_quantization, quantize_linear_layers
-from training.run import check_inputs, make_accelerator, publish_and_report, resume, shared_seed, start_tracking
-from training.run import weight_dtype as mixed_precision_dtype
+from training.run import (
+    check_inputs,
+    finish_training,
+    log_run_start,
+    make_accelerator,
+    mixed_precision_dtype,
+    resume,
+    shared_seed,
+    start_tracking,
+)
 from training.seeds import NOISE_STREAM, derived_seed
 from training.stopping import StopRequest, exit_stopped
-from training.validation import current_adapter_loaded, generate_class_images, run_validation
+from training.validation import current_adapter_loaded, fill_class_images, run_validation
 
 logger = get_logger(__name__)
 
@@ -90,7 +97,7 @@ MODEL_CARD = CardFacts(
     license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
     tags=("text-to-image", "diffusers", "lora", "t-lora", "flux", "flux-diffusers", "template:sd-lora"),
     torch_dtype="torch.bfloat16",
-    sampling="num_inference_steps=28, guidance_scale=3.5",
+    sampling_guidance_flag="validation_guidance_scale",
     license_note="""
 ## License
 
@@ -337,29 +344,6 @@ def generate_images(pipeline, embeddings: dict, seeds: list[int], args, accelera
 # --------------------------------------------------------------------------- main
 
 
-def finish(args, accelerator, transformer, models: Models, config, repo_id, step: int, seed: int) -> dict:
-    """Save the adapter, sample it from the saved file, write the model card. Main process only."""
-    output_dir = Path(args.output_dir)
-    transformer = accelerator.unwrap_model(transformer)
-    written = {"Adapter": save_adapter(output_dir, transformer, config)}
-    validation_paths = []
-    if args.validation_prompt:
-        # The final images come from the saved file, loaded the way users load it.
-        tl.remove_tlora(transformer)
-        models.pipeline.load_tlora_weights(str(output_dir))
-        validation_paths = run_validation(
-            models.pipeline, models.validation_embeddings, args, accelerator, step, seed, generate=generate_images
-        )
-        written["Validation images"] = output_dir / "validation"
-    settings = {
-        "guidance in training": args.guidance_scale,
-        "weighting scheme": args.weighting_scheme,
-        "base quantisation": args.base_quantization,
-    }
-    written["Model card"] = write_model_card(args, config, MODEL_CARD, validation_paths, repo_id, step, settings)
-    return written
-
-
 def main(args) -> None:
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
@@ -372,12 +356,10 @@ def main(args) -> None:
 
     prompts = training_prompts(inputs.instance_records, args)
     models = load_models(args, accelerator, prompts, mixed_precision_dtype(accelerator))
-    class_records = inputs.class_records
-    if args.with_prior_preservation and len(class_records) < args.num_class_images:
-        generate_class_images(
-            models.pipeline, models.class_embeddings, args, accelerator, seed, generate=generate_images
-        )
-        class_records = load_class_records(args)
+    class_records = fill_class_images(
+        models.pipeline, models.class_embeddings, inputs.class_records, args, accelerator, seed,
+        generate=generate_images,
+    )  # fmt: skip
     config = tlora_config_from_args(args, FLUX, models.num_train_timesteps)
     params = attach_adapter(models.transformer, config, args, seed)
     register_checkpoint_hooks(accelerator, models.transformer, config)
@@ -391,13 +373,9 @@ def main(args) -> None:
     )  # fmt: skip
     global_step, batches = resume(accelerator, inputs.checkpoint, train_dataloader, args)
     start_tracking(accelerator, args, TRACKER_NAME)
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(
-        f"Training {method_name(config)} (rank {config.rank}, min rank {config.min_rank}) on "
-        f"{len(inputs.instance_records)} instance and {len(class_records)} class images: {args.max_train_steps} "
-        f"steps of {total_batch} samples, base {args.base_quantization}, "
-        f"latents {'cached' if moments_cache is not None else 'encoded every step'}, seed {seed}."
-    )
+    images = (len(inputs.instance_records), len(class_records))
+    details = f"base {args.base_quantization}, "
+    log_run_start(accelerator, args, config, images, moments_cache is not None, seed, details)
 
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
@@ -441,15 +419,16 @@ def main(args) -> None:
                 progress.close()
                 exit_stopped(accelerator, args, global_step, last_checkpoint)
     progress.close()
-    elapsed = time.perf_counter() - started
-
-    accelerator.wait_for_everyone()
-    written = {}
-    if accelerator.is_main_process:
-        written = finish(args, accelerator, transformer, models, config, inputs.repo_id, global_step, seed)
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        publish_and_report(args, accelerator, inputs.repo_id, written, (first_step, global_step), elapsed)
+    finish_training(
+        args, accelerator, transformer, config, inputs, pipeline=models.pipeline,
+        validation_embeddings=models.validation_embeddings, generate=generate_images, card=MODEL_CARD,
+        card_settings={
+            "guidance in training": args.guidance_scale,
+            "weighting scheme": args.weighting_scheme,
+            "base quantisation": args.base_quantization,
+        },
+        steps=(first_step, global_step), seed=seed, elapsed=time.perf_counter() - started,
+    )  # fmt: skip
 
 
 def cli() -> None:

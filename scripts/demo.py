@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """End-to-end demo on the CPU: train a T-LoRA adapter on examples/concept.png and compare it with the base model.
 
-    python scripts/demo.py [--size tiny|small] [--steps N] [--readme-images]
+    python scripts/demo.py [--family sdxl|flux] [--size tiny|small] [--steps N] [--readme-images]
 
-1. Builds a randomly initialised, SD-XL-shaped model in outputs/demo/<size>-sdxl (reused when present).
-2. Trains with `accelerate launch train_tlora_sdxl.py ...`, exactly as a user would on a GPU.
-3. Samples a few prompts with a stock `StableDiffusionXLPipeline`, before and after
-   `pipe.load_tlora_weights(...)`, into outputs/demo/grid.png (rows: prompts; columns: base, T-LoRA).
-4. The trainer's model card, outputs/demo/tlora-<size>/README.md, shows the rank schedule over the sampler's
-   steps, its own base-vs-adapter grid and the loss curve. `--readme-images` copies the grid and the schedule
-   plot to docs/demo/, where the project README shows them.
+1. Builds a randomly initialised model of the family (SD-XL or FLUX.1 shaped) in outputs/demo/<size>-<family>
+   (reused when present).
+2. Trains with `accelerate launch train_tlora_<family>.py ...`, exactly as a user would on a GPU.
+3. Samples a few prompts with the family's stock pipeline, before and after `pipe.load_tlora_weights(...)`,
+   into outputs/demo/grid.png (FLUX.1: grid-flux.png; rows: prompts; columns: base, T-LoRA).
+4. The trainer's model card, outputs/demo/tlora-<size>/README.md (FLUX.1: tlora-<size>-flux/), shows the rank
+   schedule over the sampler's steps, its own base-vs-adapter grid and the loss curve. `--readme-images` copies
+   the grid and the schedule plot to docs/demo/, where the project README shows them.
 
 The model is random, so the pictures are noise; the demo shows the workflow and the files it makes, and
 that the adapter changes what the pipeline draws.
@@ -38,10 +39,27 @@ PROMPTS = (INSTANCE_PROMPT, "a photo of sks toy on the beach")
 RESOLUTION = {"tiny": 64, "small": 256}
 SCHEDULE_PLOT = "rank_schedule.png"
 CARD_PLOTS = (SCHEDULE_PLOT, "validation_grid.png", "loss_curve.png")
+# Per family: the pipeline, the guidance it samples with, and the training flags that differ from the family's
+# defaults for a run on the CPU (AdamW at a high rate: Prodigy's first steps are too small to show in a short
+# run; fp32: bf16 is slow on most CPUs; a short T5 prompt length).
+FAMILIES = {
+    "sdxl": {"pipeline": "StableDiffusionXLPipeline", "guidance_scale": 5.0, "flags": []},
+    "flux": {
+        "pipeline": "FluxPipeline",
+        "guidance_scale": 3.5,
+        "flags": ["--optimizer", "adamw", "--mixed_precision", "no", "--max_sequence_length", "64"],
+    },
+}
+
+
+def family_suffix(family: str) -> str:
+    """SD-XL's demo outputs keep their plain names (grid.png, tlora-tiny); other families' carry the family."""
+    return "" if family == "sdxl" else f"-{family}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sdxl", help="model family (default sdxl)")
     parser.add_argument("--size", choices=sorted(RESOLUTION), default="tiny", help="model size (default tiny: fastest)")
     parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     parser.add_argument(
@@ -57,23 +75,23 @@ def demo_environment() -> dict[str, str]:
     return env
 
 
-def ensure_model(size: str) -> Path:
+def ensure_model(family: str, size: str) -> Path:
     from scripts.make_tiny_pipeline import save_pipeline
 
-    folder = DEMO_DIR / f"{size}-sdxl"
+    folder = DEMO_DIR / f"{size}-{family}"
     if (folder / "model_index.json").is_file():
         print(f"Reusing the {size} model in {folder}")
         return folder
-    print(f"Building a random {size} SD-XL model in {folder}")
-    return save_pipeline(folder, "sdxl", size, overwrite=True)
+    print(f"Building a random {size} {family} model in {folder}")
+    return save_pipeline(folder, family, size, overwrite=True)
 
 
-def train(model: Path, output_dir: Path, size: str, steps: int) -> None:
+def train(model: Path, output_dir: Path, family: str, size: str, steps: int) -> None:
     """Run the training script through `accelerate launch`, on the CPU, in one process."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO_ROOT / "train_tlora_sdxl.py"),
+        str(REPO_ROOT / f"train_tlora_{family}.py"),
         "--pretrained_model_name_or_path", str(model),
         "--instance_data_dir", str(CONCEPT_IMAGE),
         "--instance_prompt", INSTANCE_PROMPT,
@@ -88,40 +106,43 @@ def train(model: Path, output_dir: Path, size: str, steps: int) -> None:
         "--num_inference_steps", "10",
         "--seed", "0",
         "--output_dir", str(output_dir),
+        *FAMILIES[family]["flags"],
     ]  # fmt: skip
     print("Training: accelerate launch", shlex.join(command[3:]), flush=True)
     subprocess.run(command, check=True, env=demo_environment(), cwd=REPO_ROOT)
 
 
-def sample(pipe, prompt: str, size: str):
+def sample(pipe, prompt: str, family: str, size: str):
     import torch
 
     generator = torch.Generator("cpu").manual_seed(0)
     resolution = RESOLUTION[size]
+    guidance_scale = FAMILIES[family]["guidance_scale"]
     return pipe(
-        prompt, height=resolution, width=resolution, num_inference_steps=10, guidance_scale=5.0, generator=generator
-    ).images[0]
+        prompt, height=resolution, width=resolution, num_inference_steps=10, guidance_scale=guidance_scale,
+        generator=generator,
+    ).images[0]  # fmt: skip
 
 
-def compare(model: Path, adapter_dir: Path, size: str) -> Path:
+def compare(model: Path, adapter_dir: Path, family: str, size: str) -> Path:
     """Base vs T-LoRA through a stock pipeline; returns the grid's path."""
     import numpy as np
-    from diffusers import StableDiffusionXLPipeline
+    import diffusers
 
     import pipelines.tlora  # noqa: F401  (adds load_tlora_weights to the SD-XL pipelines)
     from training.card_assets import validation_grid
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe = getattr(diffusers, FAMILIES[family]["pipeline"]).from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    base = [sample(pipe, prompt, size) for prompt in PROMPTS]
+    base = [sample(pipe, prompt, family, size) for prompt in PROMPTS]
     pipe.load_tlora_weights(adapter_dir)
-    tuned = [sample(pipe, prompt, size) for prompt in PROMPTS]
+    tuned = [sample(pipe, prompt, family, size) for prompt in PROMPTS]
 
     for prompt, before, after in zip(PROMPTS, base, tuned, strict=True):
         change = np.abs(np.asarray(before, dtype=np.float32) - np.asarray(after, dtype=np.float32)).mean()
         print(f"  {prompt!r}: mean pixel change from the adapter {change:.1f} / 255")
     rows = [(prompt, [before], [after]) for prompt, before, after in zip(PROMPTS, base, tuned, strict=True)]
-    return validation_grid(rows, DEMO_DIR / "grid.png")
+    return validation_grid(rows, DEMO_DIR / f"grid{family_suffix(family)}.png")
 
 
 def main(argv=None) -> int:
@@ -129,11 +150,11 @@ def main(argv=None) -> int:
     os.environ.update(demo_environment())
     started = time.perf_counter()
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    model = ensure_model(args.size)
-    adapter_dir = DEMO_DIR / f"tlora-{args.size}"
-    train(model, adapter_dir, args.size, args.steps)
+    model = ensure_model(args.family, args.size)
+    adapter_dir = DEMO_DIR / f"tlora-{args.size}{family_suffix(args.family)}"
+    train(model, adapter_dir, args.family, args.size, args.steps)
     print("Sampling base vs T-LoRA:")
-    grid = compare(model, adapter_dir, args.size)
+    grid = compare(model, adapter_dir, args.family, args.size)
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(f"  grid (rows: prompts {list(PROMPTS)}; columns: base, T-LoRA): {grid}")
     print(f"  adapter: {adapter_dir / 'pytorch_tlora_weights.safetensors'}")

@@ -79,6 +79,17 @@ def _load_on_cpu(pipeline_class: str, folder: Path):
     return pipe
 
 
+@pytest.fixture
+def cpu_accelerate(monkeypatch):
+    """For training runs in the test process: on the CPU, also on a GPU machine (results compared bit for bit
+    need deterministic kernels), and with accelerate's process-wide state reset afterwards."""
+    from tests.tlora_testing import reset_accelerate
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    yield
+    reset_accelerate()
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
     """A tiny random SD-XL pipeline folder, written once per session."""

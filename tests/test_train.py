@@ -15,17 +15,13 @@ import train_tlora_sdxl as train
 from pipelines.tlora.families import SDXL
 from training.adapter import method_name, tlora_config_from_args
 
-from tests.tlora_testing import EXAMPLE_IMAGE, REPO_ROOT, generate, read_adapter, reset_accelerate, run_main
+from tests.tlora_testing import EXAMPLE_IMAGE, REPO_ROOT, generate, read_adapter, run_main
 
 PROMPT = "a photo of sks toy"
 SMALL_RUN = ["--resolution", "64", "--rank", "8", "--learning_rate", "1e-2", "--seed", "0", "--report_to", "none"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("cpu_accelerate")
 
 
 def base_args(model_dir, output_dir, instance=None, *extra) -> list:

@@ -21,18 +21,14 @@ from pipelines.tlora.families import FLUX
 from training.adapter import method_name, tlora_config_from_args
 from training.run import make_accelerator
 
-from tests.tlora_testing import EXAMPLE_IMAGE, generate, read_adapter, reset_accelerate, run_main
+from tests.tlora_testing import EXAMPLE_IMAGE, generate, read_adapter, run_main
 
 PROMPT = "a photo of sks toy"
 MINIMAL = ["--pretrained_model_name_or_path", "m", "--instance_prompt", PROMPT, "--instance_data_dir", EXAMPLE_IMAGE]
 SMALL_RUN = ["--resolution", "64", "--rank", "8", "--seed", "0", "--report_to", "none", "--max_sequence_length", "32"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("cpu_accelerate")
 
 
 def test_defaults_follow_the_papers_flux_recipe():

@@ -39,7 +39,6 @@ from tests.tlora_testing import (
     generate,
     max_difference,
     read_adapter,
-    reset_accelerate,
     run_main,
     two_shapes,
 )
@@ -56,6 +55,7 @@ class Script:
 
     module: types.ModuleType
     base_model_fixture: str  # the conftest fixture giving the tiny base model folder
+    pipe_fixture: str  # the conftest fixture giving a freshly loaded stock pipeline of it
     pipeline_class: type
     denoiser_class: type
     loss_function: str  # the script's loss, where a test delivers Ctrl-C inside a step
@@ -80,6 +80,7 @@ SCRIPTS = {
     "sdxl": Script(
         module=train_tlora_sdxl,
         base_model_fixture="tiny_sdxl_dir",
+        pipe_fixture="tiny_pipe",
         pipeline_class=StableDiffusionXLPipeline,
         denoiser_class=UNet2DConditionModel,
         loss_function="diffusion_loss",
@@ -93,6 +94,7 @@ SCRIPTS = {
     "flux": Script(
         module=train_tlora_flux,
         base_model_fixture="tiny_flux_dir",
+        pipe_fixture="tiny_flux_pipe",
         pipeline_class=FluxPipeline,
         denoiser_class=FluxTransformer2DModel,
         loss_function="flow_matching_loss",
@@ -110,17 +112,13 @@ SCRIPTS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def cpu_only():
-    """Every run on the CPU, also on a machine with a GPU: results compared bit for bit need deterministic
-    kernels. Module-wide, so that runs made by module fixtures and by tests run alike."""
+    """`cpu_accelerate` for the runs that module fixtures make."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ACCELERATE_USE_CPU", "1")
         yield
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("cpu_accelerate")
 
 
 @pytest.fixture(scope="module", params=list(SCRIPTS))
@@ -134,11 +132,9 @@ def base_model(script, request):
 
 
 @pytest.fixture
-def fresh_pipe(script, base_model):
+def fresh_pipe(script, request):
     """A freshly loaded stock pipeline of the script's family, on the CPU."""
-    pipe = script.pipeline_class.from_pretrained(base_model).to("cpu")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return request.getfixturevalue(script.pipe_fixture)
 
 
 def sample(script: Script, pipe) -> np.ndarray:

@@ -19,15 +19,12 @@ from training.data import DreamBoothDataset, ImageRecord, ShuffledStreamSampler,
 from training.errors import InputError
 from training.images import open_image
 
-from tests.tlora_testing import REPO_ROOT, reset_accelerate
+from tests.tlora_testing import REPO_ROOT
 
 PROMPT = "a photo of sks toy"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("cpu_accelerate")
 
 
 def _imported_modules(path) -> set[str]:
