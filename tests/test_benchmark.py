@@ -83,6 +83,25 @@ def test_train_step_trains_only_the_adapter(tiny_pipe, adapter):
     assert torch.equal(unet.conv_in.weight, frozen)
 
 
+@pytest.mark.parametrize("adapter", benchmark.train_adapters(RANK), ids=lambda adapter: adapter.name)
+def test_flux_train_step_trains_the_adapter_on_the_same_projections(tiny_flux_pipe, adapter):
+    args = benchmark.parse_args(["train", "--family", "flux", "--size", "tiny", "--rank", str(RANK)])
+    transformer = tiny_flux_pipe.transformer.requires_grad_(False)
+    frozen = transformer.x_embedder.weight.clone()
+    step = benchmark.TrainStep(transformer, tiny_flux_pipe.scheduler, adapter, args)
+    trainable = {name: p.detach().clone() for name, p in transformer.named_parameters() if p.requires_grad}
+    step()
+
+    marker = ".tlora." if adapter.kind == "tlora" else ".lora_"
+    assert trainable and all(marker in name for name in trainable)
+    # LoRA and T-LoRA adapt the same 20 projections: 2 double-stream blocks x 7, 2 single-stream blocks x 3
+    adapted = {name.split(marker)[0] for name in trainable}
+    assert len(adapted) == 20 and "single_transformer_blocks.0.attn.to_q" in adapted
+    current = dict(transformer.named_parameters())
+    assert any(not torch.equal(current[name], value) for name, value in trainable.items())
+    assert torch.equal(transformer.x_embedder.weight, frozen)
+
+
 def test_infer_prints_the_table_and_targets_and_writes_json(tmp_path, capsys):
     out = tmp_path / "results" / "infer.json"
     argv = ["infer", "--size", "tiny", "--repeats", "1", "--steps", "2", "--json", str(out)]
@@ -163,6 +182,8 @@ def test_dry_run_counts_training_flops(tmp_path):
         (["infer", "--size", "tiny", "--resolution", "60"], "--resolution must be a multiple of 8"),
         (["train", "--size", "full", "--cli"], "--cli trains on a saved fixture"),
         (["infer", "--device", "tpu"], "--device must be cpu or cuda"),
+        (["infer", "--family", "flux"], "--family flux: only `train` measures it"),
+        (["train", "--family", "flux", "--resolution", "72"], "--resolution must be a multiple of 16 for FLUX.1"),
         pytest.param(
             ["infer", "--device", "cuda"],
             "this torch build sees no CUDA device",
