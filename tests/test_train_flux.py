@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import weakref
 
 import bitsandbytes as bnb
@@ -239,3 +240,20 @@ def test_training_on_a_quantised_base(quantization, tiny_flux_dir, tmp_path, mon
     pipe.load_tlora_weights(str(output))
     image = generate(pipe, PROMPT, steps=2, height=64, width=64, max_sequence_length=32)
     assert np.isfinite(image).all()
+
+
+def test_a_quantised_base_on_an_unsupported_device_stops_before_loading(tmp_path, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", no_loading)
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("mps")))
+    argv = [*MINIMAL, "--output_dir", tmp_path / "out", "--base_quantization", "nf4"]
+    monkeypatch.setattr(sys, "argv", ["train_tlora_flux.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli()
+    assert exit_info.value.code == 2
+    assert "error: --base_quantization nf4: bitsandbytes cannot quantise on mps" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
