@@ -67,39 +67,31 @@ def test_loaded_adapters_change_the_unet_output(tiny_pipe, tmp_path, adapter):
         assert lora_a.out_features == adapter.rank
 
 
+# Per family: the fixture pipeline, its denoiser, and a frozen weight no adapter touches.
+FAMILY_CASES = {"sdxl": ("tiny_pipe", "unet", "conv_in"), "flux": ("tiny_flux_pipe", "transformer", "x_embedder")}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CASES))
 @pytest.mark.parametrize("adapter", benchmark.train_adapters(RANK), ids=lambda adapter: adapter.name)
-def test_train_step_trains_only_the_adapter(tiny_pipe, adapter):
-    args = benchmark.parse_args(["train", "--size", "tiny", "--rank", str(RANK)])
-    unet = tiny_pipe.unet.requires_grad_(False)
-    frozen = unet.conv_in.weight.clone()
-    step = benchmark.TrainStep(unet, tiny_pipe.scheduler, adapter, args)
-    trainable = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
+def test_train_step_trains_only_the_adapter_on_the_familys_projections(family, adapter, request):
+    pipe_fixture, attribute, frozen_module = FAMILY_CASES[family]
+    pipe = request.getfixturevalue(pipe_fixture)
+    args = benchmark.parse_args(["train", "--family", family, "--size", "tiny", "--rank", str(RANK)])
+    denoiser = getattr(pipe, attribute).requires_grad_(False)
+    targets = set(tl.injection.find_target_projections(denoiser, benchmark.target_modules(family)))
+    frozen = denoiser.get_submodule(frozen_module).weight.clone()
+    step = benchmark.TrainStep(denoiser, pipe.scheduler, adapter, args)
+    trainable = {name: p.detach().clone() for name, p in denoiser.named_parameters() if p.requires_grad}
     step()
 
     marker = ".tlora." if adapter.kind == "tlora" else ".lora_"
     assert trainable and all(marker in name for name in trainable)
-    current = dict(unet.named_parameters())
+    # LoRA and T-LoRA go on the same projections (FLUX: 2 double-stream blocks x 7, 2 single-stream blocks x 3)
+    assert {name.split(marker)[0] for name in trainable} == targets
+    assert family != "flux" or len(targets) == 20
+    current = dict(denoiser.named_parameters())
     assert any(not torch.equal(current[name], value) for name, value in trainable.items())
-    assert torch.equal(unet.conv_in.weight, frozen)
-
-
-@pytest.mark.parametrize("adapter", benchmark.train_adapters(RANK), ids=lambda adapter: adapter.name)
-def test_flux_train_step_trains_the_adapter_on_the_same_projections(tiny_flux_pipe, adapter):
-    args = benchmark.parse_args(["train", "--family", "flux", "--size", "tiny", "--rank", str(RANK)])
-    transformer = tiny_flux_pipe.transformer.requires_grad_(False)
-    frozen = transformer.x_embedder.weight.clone()
-    step = benchmark.TrainStep(transformer, tiny_flux_pipe.scheduler, adapter, args)
-    trainable = {name: p.detach().clone() for name, p in transformer.named_parameters() if p.requires_grad}
-    step()
-
-    marker = ".tlora." if adapter.kind == "tlora" else ".lora_"
-    assert trainable and all(marker in name for name in trainable)
-    # LoRA and T-LoRA adapt the same 20 projections: 2 double-stream blocks x 7, 2 single-stream blocks x 3
-    adapted = {name.split(marker)[0] for name in trainable}
-    assert len(adapted) == 20 and "single_transformer_blocks.0.attn.to_q" in adapted
-    current = dict(transformer.named_parameters())
-    assert any(not torch.equal(current[name], value) for name, value in trainable.items())
-    assert torch.equal(transformer.x_embedder.weight, frozen)
+    assert torch.equal(denoiser.get_submodule(frozen_module).weight, frozen)
 
 
 def test_infer_prints_the_table_and_targets_and_writes_json(tmp_path, capsys):
