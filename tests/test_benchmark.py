@@ -111,6 +111,7 @@ def test_infer_prints_the_table_and_targets_and_writes_json(tmp_path, capsys):
     assert not list(out.parent.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # a child process per configuration measures its memory
 def test_train_prints_speed_and_memory(tmp_path, capsys):
     out = tmp_path / "train.json"
     argv = ["train", "--size", "tiny", "--rank", str(RANK), "--repeats", "1", "--steps", "1", "--json", str(out)]
