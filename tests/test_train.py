@@ -15,7 +15,7 @@ import train_tlora_sdxl as train
 from pipelines.tlora.families import SDXL
 from training.adapter import method_name, tlora_config_from_args
 
-from tests.tlora_testing import EXAMPLE_IMAGE, REPO_ROOT, generate, read_adapter, run_main
+from tests.tlora_testing import EXAMPLE_IMAGE, REPO_ROOT, fake_hub, generate, read_adapter, run_main
 
 PROMPT = "a photo of sks toy"
 SMALL_RUN = ["--resolution", "64", "--rank", "8", "--learning_rate", "1e-2", "--seed", "0", "--report_to", "none"]
@@ -186,3 +186,16 @@ def test_vanilla_run_with_gradient_checkpointing(tiny_sdxl_dir, tmp_path, tiny_p
     before = generate(tiny_pipe, PROMPT, steps=2)[0]
     tiny_pipe.load_tlora_weights(str(output))
     assert np.abs(generate(tiny_pipe, PROMPT, steps=2)[0] - before).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_export_for_tools_writes_and_uploads_the_files_other_tools_load(tiny_sdxl_dir, tmp_path, monkeypatch):
+    calls = fake_hub(monkeypatch)
+    output = tmp_path / "my-toy"
+    run_main(train, *base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "1", "--push_to_hub",
+                               "--hub_token", "hf_test", "--export_for_tools"))  # fmt: skip
+    node, kohya = "my-toy_tlora-node_ortho_r8-min4.safetensors", "my-toy_lora-rank16.safetensors"
+    assert {"README.md", tl.WEIGHT_NAME, "pipeline.py", "tlora_loader.py", node, kohya} <= set(calls["upload"]["files"])
+    card = (output / "README.md").read_text()
+    assert f"| `{node}` | ComfyUI with the ComfyUI-T-LoRA custom nodes" in card
+    assert f"| `{kohya}` | ComfyUI's LoraLoader" in card

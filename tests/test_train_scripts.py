@@ -65,6 +65,7 @@ class Script:
     target_modules: list
     license: str
     tags: set
+    card_sampling: str = ""  # the usage example's sampling settings: the validation defaults
     sampling: dict = field(default_factory=dict)  # extra pipeline arguments for a 64 px image
 
     @property
@@ -90,6 +91,7 @@ SCRIPTS = {
         target_modules=["to_q", "to_k", "to_v", "to_out.0"],
         license="openrail++",
         tags={"text-to-image", "diffusers", "lora", "t-lora", "stable-diffusion-xl", "template:sd-lora"},
+        card_sampling="num_inference_steps=25, guidance_scale=5.0",
     ),
     "flux": Script(
         module=train_tlora_flux,
@@ -105,6 +107,7 @@ SCRIPTS = {
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"],
         license="other",
         tags={"text-to-image", "diffusers", "lora", "t-lora", "flux", "flux-diffusers", "template:sd-lora"},
+        card_sampling="num_inference_steps=28, guidance_scale=3.5",
         sampling={"height": RESOLUTION, "width": RESOLUTION, "max_sequence_length": 32},
     ),
 }
@@ -368,12 +371,21 @@ def test_run_writes_a_model_card(script, family_run, base_model):
     assert card.data.instance_prompt == PROMPT
     assert "import pipelines.tlora" in card.text and "pipe.load_tlora_weights(" in card.text
     assert f"{script.pipeline_class.__name__}.from_pretrained(" in card.text
+    # the zero-install snippet comes first, and the loader files it needs are there
+    zero_install = f"custom_pipeline={str(family_run.output.resolve())!r},\n    trust_remote_code=True"
+    assert zero_install in card.text and card.text.index(zero_install) < card.text.index("import pipelines.tlora")
+    assert (family_run.output / "pipeline.py").is_file() and (family_run.output / "tlora_loader.py").is_file()
+    assert "| `pytorch_tlora_weights.safetensors` |" in card.text
     min_rank = script.default_adapter["min_rank"]
     assert str(base_model) in card.text and f"| rank / min rank | 8 / {min_rank} |" in card.text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.text)
-    assert links == ["validation/step-4/prompt-0_image-0.png", "validation/step-4/prompt-1_image-0.png"]
+    validation = ["validation/step-4/prompt-0_image-0.png", "validation/step-4/prompt-1_image-0.png"]
+    assert links == ["rank_schedule.png", "validation_grid.png", "loss_curve.png", *validation]
     assert all((family_run.output / link).is_file() for link in links)
-    assert [entry["output"]["url"] for entry in card.data.widget] == links
+    assert [entry["output"]["url"] for entry in card.data.widget] == validation
+    # the loss curve is drawn from every step's loss
+    assert (family_run.output / "logs" / "loss.csv").read_text().splitlines()[0] == "step,loss"
+    assert len((family_run.output / "logs" / "loss.csv").read_text().splitlines()) == 1 + 4
 
 
 @pytest.mark.slow
@@ -503,6 +515,9 @@ def test_push_to_hub_uploads_the_result_without_checkpoints(script, base_model, 
     assert (output / "checkpoint-1" / tl.WEIGHT_NAME).is_file()
     card = (output / "README.md").read_text()
     assert "pipe.load_tlora_weights('someone/my-toy')" in card and "hf_test" not in card
+    assert "custom_pipeline='someone/my-toy',\n    trust_remote_code=True" in card
+    assert script.card_sampling in card  # the validation settings, also of the schedule plot
+    assert {"pipeline.py", "tlora_loader.py"} <= set(upload["files"])
     hparams = "".join(path.read_text() for path in (output / "logs").rglob("hparams.yml"))
     assert "hf_test" not in hparams
 
