@@ -2,11 +2,13 @@
 #
 #   make venv           create .venv and install the requirements (re-runs only when they change)
 #   make test           run the test suite offline (PYTEST_ARGS="-q tests -k name" to narrow it)
+#   make test-fast      the same without the end-to-end training runs (tests marked slow)
 #   make fixtures       build the tiny random pipeline of FAMILY (sd, sdxl or flux; default sdxl) in
 #                       outputs/tiny-FAMILY, e.g. make fixtures FAMILY=flux
 #   make fixtures-small build the larger benchmark-sized one in outputs/small-FAMILY
 #   make fixtures-all   build both sizes of every family
-#   make demo           run scripts/demo.py on the shipped toy base model (DEMO_ARGS are passed on)
+#   make demo           run scripts/demo.py on the shipped toy base model (DEMO_ARGS are passed on);
+#                       make demo FAMILY=flux: the same with train_tlora_flux.py on a tiny random FLUX.1 model
 #   make toy-base       train the toy base model and the toy CLIP from scratch into outputs/ (resumable;
 #                       about 30 min on 2 cores) and measure what the base model draws
 #   make toy-experiment the paper's Table 1 in miniature on the toy base (TOY_EXPERIMENT_ARGS are passed on)
@@ -42,8 +44,8 @@ TOY_EXPERIMENT_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fixtures fixtures-small fixtures-all demo toy-base toy-experiment gpu-wheels gpu-check clean \
-	distclean
+.PHONY: venv test test-fast fixtures fixtures-small fixtures-all demo toy-base toy-experiment gpu-wheels gpu-check \
+	clean distclean
 
 venv: $(STAMP)
 
@@ -57,6 +59,9 @@ $(STAMP): requirements.txt requirements-dev.txt | $(PY)
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 fixtures: outputs/tiny-$(FAMILY)/model_index.json
 
@@ -73,7 +78,8 @@ outputs/small-%/model_index.json: $(FIXTURE_SOURCES)
 	HF_HUB_OFFLINE=1 $(PY) scripts/make_tiny_pipeline.py outputs/small-$* --family $* --size small --overwrite
 
 demo: venv
-	$(PY) scripts/demo.py --base_model $(TOY_MODELS)/toy-sdxl $(DEMO_ARGS)
+	$(PY) scripts/demo.py --family $(FAMILY) $(if $(filter sdxl,$(FAMILY)),--base_model $(TOY_MODELS)/toy-sdxl) \
+		$(DEMO_ARGS)
 
 toy-base: venv
 	HF_HUB_OFFLINE=1 $(PY) scripts/train_toy_base.py outputs/toy-sdxl

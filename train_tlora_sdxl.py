@@ -42,22 +42,29 @@ from diffusers.utils.import_utils import is_xformers_available
 from PIL import Image
 from tqdm.auto import tqdm
 
-import pipelines.tlora as tl
+import pipelines.tlora  # noqa: F401  (gives the stock pipelines load_tlora_weights, used in validation)
 from pipelines.tlora.families import SDXL
-from training.adapter import attach_adapter, method_name, tlora_config_from_args
-from training.arguments import build_parser, check_args
+from training.adapter import attach_adapter, tlora_config_from_args
+from training.arguments import build_parser, check_args, check_model_family
 from training.checkpoints import register_checkpoint_hooks, save_checkpoint
-from training.data import DreamBoothDataset, load_class_records, make_dataloader, training_prompts
+from training.data import DreamBoothDataset, make_dataloader, training_prompts
 from training.errors import run_with_exit_codes
 from training.latents import batch_moments, denormalize_latents, latent_cache, sample_latents
-from training.card_assets import write_card_extras
-from training.model_card import CardFacts, write_model_card
+from training.model_card import CardFacts
 from training.optim import make_lr_scheduler, make_optimizer
-from training.run import check_inputs, make_accelerator, publish_and_report, resume, shared_seed, start_tracking
-from training.run import weight_dtype as mixed_precision_dtype
+from training.run import (
+    check_inputs,
+    finish_training,
+    log_run_start,
+    make_accelerator,
+    mixed_precision_dtype,
+    resume,
+    shared_seed,
+    start_tracking,
+)
 from training.seeds import NOISE_STREAM, derived_seed
 from training.stopping import StopRequest, exit_stopped
-from training.validation import current_adapter_loaded, generate_class_images, run_validation
+from training.validation import current_adapter_loaded, fill_class_images, run_validation
 
 logger = get_logger(__name__)
 
@@ -116,6 +123,7 @@ def parse_args(input_args=None):
     check_args(parser, args)
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         parser.error("--enable_xformers_memory_efficient_attention needs xformers, which is not installed")
+    check_model_family(parser, args, SDXL)
     return args
 
 
@@ -300,28 +308,6 @@ def generate_images(pipeline, embeddings: dict, seeds: list[int], args, accelera
 # --------------------------------------------------------------------------- main
 
 
-def finish(args, accelerator, unet, models: Models, config, repo_id, step: int, seed: int) -> dict[str, Path]:
-    """Save the adapter, sample it from the saved file, write the model card. Main process only."""
-    output_dir = Path(args.output_dir)
-    unet = accelerator.unwrap_model(unet)
-    written = {"Adapter": tl.save_tlora_weights(output_dir, tl.get_tlora_state_dict(unet), config)}
-    validation_paths = []
-    if args.validation_prompt:
-        # The final images come from the saved file, loaded the way users load it.
-        tl.remove_tlora(unet)
-        models.pipeline.load_tlora_weights(str(output_dir))
-        validation_paths = run_validation(
-            models.pipeline, models.validation_embeddings, args, accelerator, step, seed, generate=generate_images
-        )
-        written["Validation images"] = output_dir / "validation"
-    extras = write_card_extras(
-        args, config, models.pipeline, models.validation_embeddings, validation_paths, accelerator, seed,
-        generate=generate_images,
-    )  # fmt: skip
-    written["Model card"] = write_model_card(args, config, MODEL_CARD, validation_paths, repo_id, step, extras=extras)
-    return written
-
-
 def main(args) -> None:
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
@@ -330,12 +316,10 @@ def main(args) -> None:
 
     prompts = training_prompts(inputs.instance_records, args)
     models = load_models(args, accelerator, prompts, mixed_precision_dtype(accelerator))
-    class_records = inputs.class_records
-    if args.with_prior_preservation and len(class_records) < args.num_class_images:
-        generate_class_images(
-            models.pipeline, models.class_embeddings, args, accelerator, seed, generate=generate_images
-        )
-        class_records = load_class_records(args)
+    class_records = fill_class_images(
+        models.pipeline, models.class_embeddings, inputs.class_records, args, accelerator, seed,
+        generate=generate_images,
+    )  # fmt: skip
     config = tlora_config_from_args(args, SDXL, models.noise_scheduler.config.num_train_timesteps)
     params = attach_adapter(models.unet, config, args, seed)
     register_checkpoint_hooks(accelerator, models.unet, config)
@@ -349,13 +333,8 @@ def main(args) -> None:
     )  # fmt: skip
     global_step, batches = resume(accelerator, inputs.checkpoint, train_dataloader, args)
     start_tracking(accelerator, args, TRACKER_NAME)
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(
-        f"Training {method_name(config)} (rank {config.rank}, min rank {config.min_rank}) on "
-        f"{len(inputs.instance_records)} instance and {len(class_records)} class images: {args.max_train_steps} "
-        f"steps of {total_batch} samples, latents {'cached' if moments_cache is not None else 'encoded every step'}, "
-        f"seed {seed}."
-    )
+    images = (len(inputs.instance_records), len(class_records))
+    log_run_start(accelerator, args, config, images, moments_cache is not None, seed)
 
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
@@ -399,15 +378,11 @@ def main(args) -> None:
                 progress.close()
                 exit_stopped(accelerator, args, global_step, last_checkpoint)
     progress.close()
-    elapsed = time.perf_counter() - started
-
-    accelerator.wait_for_everyone()
-    written = {}
-    if accelerator.is_main_process:
-        written = finish(args, accelerator, unet, models, config, inputs.repo_id, global_step, seed)
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        publish_and_report(args, accelerator, inputs.repo_id, written, (first_step, global_step), elapsed)
+    finish_training(
+        args, accelerator, unet, config, inputs, pipeline=models.pipeline,
+        validation_embeddings=models.validation_embeddings, generate=generate_images, card=MODEL_CARD,
+        steps=(first_step, global_step), seed=seed, elapsed=time.perf_counter() - started,
+    )  # fmt: skip
 
 
 def cli() -> None:

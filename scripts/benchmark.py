@@ -17,12 +17,15 @@ projections, loaded with `pipe.load_lora_weights`.
 settings, guidance 3.5 as the guidance embedding, so one transformer call of batch 1 per step) for no adapter,
 Vanilla T-LoRA of rank R (the variant used for FLUX) and a standard LoRA of rank R, all on the authors' 247
 projections. Sizes: the FLUX fixtures of `scripts/make_tiny_pipeline.py` (`tiny`, `small`) and FLUX.1-dev's
-transformer (`full`, 11.9 B parameters; with `--dry-run` for FLOP counts). `train` is SD-XL only.
+transformer (`full`, 11.9 B parameters; with `--dry-run` for FLOP counts).
 
 `train` times an optimizer step as the training script does it (noise a cached latent, one random timestep
-per sample, UNet forward, MSE loss, backward, AdamW step) for PEFT LoRA, Vanilla T-LoRA and T-LoRA of rank R,
-and measures each one's peak memory in a child process of its own. `--cli` also times the training script
-`train_tlora_sdxl.py` itself in its steady state.
+per sample, denoiser forward, MSE loss, backward, AdamW step) for PEFT LoRA, Vanilla T-LoRA and T-LoRA of rank R
+on the same projections, and measures each one's peak memory in a child process of its own. `--family flux`
+does this with the FLUX.1 transformer and its flow-matching step (the projections the T-LoRA authors adapt,
+as many text tokens as `infer`, guidance 1). `--cli` also times the family's training script
+(`train_tlora_sdxl.py`, `train_tlora_flux.py`) in its steady state, against the bare step of the variant it
+trains by default (SD-XL: T-LoRA; FLUX.1: Vanilla T-LoRA).
 
 Sizes: `tiny` and `small` are the random SD-XL fixtures of `scripts/make_tiny_pipeline.py` (64 and 256 px); `full`
 is the SD-XL base UNet architecture with random weights (1024 px), for a GPU. `--dry-run` builds the chosen UNet
@@ -65,6 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
 import pipelines.tlora as tl  # noqa: E402
+from pipelines.tlora.families import get_family  # noqa: E402
 from pipelines.tlora.file_format import write_atomically  # noqa: E402
 from scripts.arguments import positive_int  # noqa: E402
 from scripts.make_tiny_pipeline import build_denoiser, build_scheduler, default_resolution, save_pipeline  # noqa: E402
@@ -73,7 +77,9 @@ SIZES = ("tiny", "small", "full")
 FAMILIES = ("sdxl", "flux")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TARGET_MODULES = list(tl.DEFAULT_TARGET_MODULES)
-TRAIN_SCRIPT = REPO_ROOT / "train_tlora_sdxl.py"
+TRAIN_SCRIPTS = {"sdxl": REPO_ROOT / "train_tlora_sdxl.py", "flux": REPO_ROOT / "train_tlora_flux.py"}
+# the variant each training script trains by default, which its steady state is compared with
+SCRIPT_VARIANTS = {"sdxl": "ortho", "flux": "vanilla"}
 EXAMPLE_IMAGE = REPO_ROOT / "examples" / "concept.png"
 GUIDANCE_SCALE = 5.0
 PROMPT_TOKENS = 77
@@ -127,12 +133,12 @@ def train_adapters(rank: int) -> list[Adapter]:
 # --------------------------------------------------------------------------- models and adapters
 
 
-def build_base_unet(size: str, device: str, dtype: torch.dtype):
-    """The frozen UNet and Euler scheduler of `size`, on `device` in `dtype`: the fixture's weights for tiny and
-    small; for full, random weights created on the device (random init of 2.6 B parameters on a CPU takes
-    minutes)."""
-    unet = build_denoiser("sdxl", size, device, dtype, seed=SEED)
-    return unet.requires_grad_(False), build_scheduler("sdxl")
+def build_base_unet(size: str, device: str, dtype: torch.dtype, family: str = "sdxl"):
+    """The frozen denoiser (an SD-XL UNet unless `family` says otherwise) and scheduler of `size`, on `device` in
+    `dtype`: the fixture's weights for tiny and small; for full, random weights created on the device (random
+    init of 2.6 B parameters on a CPU takes minutes)."""
+    unet = build_denoiser(family, size, device, dtype, seed=SEED)
+    return unet.requires_grad_(False), build_scheduler(family)
 
 
 def build_base_flux(size: str, device: str, dtype: torch.dtype):
@@ -142,7 +148,8 @@ def build_base_flux(size: str, device: str, dtype: torch.dtype):
 
 
 def target_modules(family: str) -> list[str]:
-    return TARGET_MODULES if family == "sdxl" else list(tl.get_family(family).default_target_modules)
+    """The projections both kinds of adapter go on: the family's T-LoRA defaults."""
+    return list(get_family(family).default_target_modules)
 
 
 def tlora_config(adapter: Adapter, min_rank: int, family: str = "sdxl") -> tl.TLoraConfig:
@@ -203,12 +210,13 @@ def attach_for_inference(pipe, adapter: Adapter, min_rank: int, folder: Path) ->
         load_trained_lora(pipe, adapter.rank, folder, generator)
 
 
-def attach_for_training(unet, adapter: Adapter, min_rank: int) -> None:
+def attach_for_training(unet, adapter: Adapter, min_rank: int, family: str = "sdxl") -> None:
     """Fresh trainable adapter weights, as a training script creates them."""
     if adapter.kind == "tlora":
-        tl.inject_tlora(unet, tlora_config(adapter, min_rank), generator=torch.Generator().manual_seed(SEED))
+        config = tlora_config(adapter, min_rank, family)
+        tl.inject_tlora(unet, config, generator=torch.Generator().manual_seed(SEED))
     elif adapter.kind == "lora":
-        unet.add_adapter(lora_config(adapter.rank))
+        unet.add_adapter(lora_config(adapter.rank, family))
 
 
 def conditioning(config, batch: int, resolution: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -579,13 +587,12 @@ class TrainStep:
     """One configuration's training state; calling it does one optimizer step, like the training script."""
 
     def __init__(self, unet, scheduler, adapter: Adapter, args):
-        from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
 
         dtype = DTYPES[args.dtype]
         synchronize(args.device)
         start = time.perf_counter()
-        attach_for_training(unet, adapter, args.min_rank)
+        attach_for_training(unet, adapter, args.min_rank, args.family)
         synchronize(args.device)
         self.attach_s = time.perf_counter() - start  # for T-LoRA (ortho): one SVD per adapted projection
         if dtype != torch.float32:
@@ -593,36 +600,70 @@ class TrainStep:
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.unet = unet.train()
-        self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.optimizer = make_optimizer([p for p in unet.parameters() if p.requires_grad], args.use_8bit_adam)
         # half precision as accelerate's mixed precision runs it: frozen weights in half, fp32 adapter weights,
         # autocast around the forward (no loss scaling: it changes no amount of work worth timing)
         self.autocast = torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype != torch.float32)
         latent_size = args.resolution // 8
-        self.latents = torch.randn(1, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(SEED))
-        self.latents = self.latents.to(args.device, dtype)
-        embeds = conditioning(unet.config, 1, args.resolution, args.device, dtype)
-        self.prompt_embeds = embeds["prompt_embeds"]
-        self.added_cond_kwargs = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": embeds["time_ids"]}
+        channels = 16 if args.family == "flux" else 4
+        generator = torch.Generator().manual_seed(SEED)
+        self.latents = torch.randn(1, channels, latent_size, latent_size, generator=generator).to(args.device, dtype)
+        if args.family == "flux":
+            self.inputs = flux_inputs(unet.config, FLUX_TEXT_TOKENS[args.size], args.resolution, args.device, dtype)
+            del self.inputs["hidden_states"]  # made from the latents at every step
+            self.inputs["guidance"] = torch.ones(1, device=args.device)  # 1 in training, as train_tlora_flux.py
+            self.loss = self.flow_matching_loss
+        else:
+            from diffusers import DDPMScheduler
+
+            self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+            embeds = conditioning(unet.config, 1, args.resolution, args.device, dtype)
+            self.inputs = {
+                "encoder_hidden_states": embeds["prompt_embeds"],
+                "added_cond_kwargs": {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": embeds["time_ids"]},
+            }
+            self.loss = self.denoising_loss
         # every configuration draws the same noise and timesteps
         self.generator = torch.Generator(args.device).manual_seed(SEED)
 
-    def __call__(self) -> None:
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise like the latents and one training timestep index per sample."""
         latents = self.latents
         noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(
-            0,
-            self.noise_scheduler.config.num_train_timesteps,
-            (latents.shape[0],),
-            generator=self.generator,
-            device=latents.device,
+            0, self.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=latents.device
         )
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        return noise, timesteps
+
+    def denoising_loss(self) -> torch.Tensor:
+        noise, timesteps = self.draw()
+        noisy = self.noise_scheduler.add_noise(self.latents, noise, timesteps)
         with self.autocast:
-            prediction = self.unet(
-                noisy, timesteps, encoder_hidden_states=self.prompt_embeds, added_cond_kwargs=self.added_cond_kwargs
-            ).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
+            prediction = self.unet(noisy, timesteps, **self.inputs).sample
+        return F.mse_loss(prediction.float(), noise.float())
+
+    def flow_matching_loss(self) -> torch.Tensor:
+        """As train_tlora_flux.py: sigma = t / 1000 for a uniform t, x_t = (1 - sigma) x0 + sigma noise, the
+        transformer on 2x2 patches, target noise - x0."""
+        from diffusers import FluxPipeline
+
+        noise, timesteps = self.draw()
+        latents = self.latents
+        sigmas = (self.num_train_timesteps - timesteps).float() / self.num_train_timesteps
+        expanded = sigmas.view(-1, 1, 1, 1)
+        noisy = ((1 - expanded) * latents + expanded * noise).to(latents.dtype)
+        batch, channels, height, width = latents.shape
+
+        def pack(tensor):
+            return FluxPipeline._pack_latents(tensor, batch, channels, height, width)
+
+        with self.autocast:
+            prediction = self.unet(hidden_states=pack(noisy), timestep=sigmas, **self.inputs).sample
+        return F.mse_loss(prediction.float(), pack(noise - latents).float())
+
+    def __call__(self) -> None:
+        loss = self.loss()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -680,7 +721,7 @@ def measure_memory(args) -> dict:
     if args.adapter not in adapters:
         raise SystemExit(f"error: unknown --adapter {args.adapter!r}; expected one of {', '.join(adapters)}")
     adapter = adapters[args.adapter]
-    unet, scheduler = build_base_unet(args.size, args.device, DTYPES[args.dtype])
+    unet, scheduler = build_base_unet(args.size, args.device, DTYPES[args.dtype], args.family)
     model_bytes = restart_peak_memory(args.device)
     step = TrainStep(unet, scheduler, adapter, args)
     for _ in range(1 + args.steps):
@@ -699,6 +740,7 @@ def memory_in_child(args, adapter: Adapter) -> dict:
         f"--steps={args.steps}",
         f"--device={args.device}",
         f"--dtype={args.dtype}",
+        f"--family={args.family}",
     ]
     command += [f"--threads={args.threads}"] * (args.threads is not None)
     command += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--use_8bit_adam"] * args.use_8bit_adam
@@ -709,9 +751,12 @@ def memory_in_child(args, adapter: Adapter) -> dict:
 
 
 def train_cli_command(model: Path, images: Path, output: Path, args, steps: int) -> list[str]:
+    # FLUX.1's script defaults to Prodigy in bf16; the bare step it is compared with runs AdamW in fp32 on the
+    # size's number of text tokens
+    flux = ["--optimizer=adamw", "--learning_rate=1e-4", f"--max_sequence_length={FLUX_TEXT_TOKENS[args.size]}"]
     return [
         sys.executable,
-        str(TRAIN_SCRIPT),
+        str(TRAIN_SCRIPTS[args.family]),
         f"--pretrained_model_name_or_path={model}",
         f"--instance_data_dir={images}",
         "--instance_prompt=a photo of sks toy",
@@ -721,26 +766,28 @@ def train_cli_command(model: Path, images: Path, output: Path, args, steps: int)
         f"--max_train_steps={steps}",
         f"--rank={args.rank}",
         f"--min_rank={args.min_rank}",
-        "--tlora_variant=ortho",
+        f"--tlora_variant={SCRIPT_VARIANTS[args.family]}",
         f"--seed={SEED}",
         "--report_to=none",
         "--cache_latents",
         "--mixed_precision=no",
         f"--checkpointing_steps={10 * steps}",
+        *(flux if args.family == "flux" else []),
     ]
 
 
 def measure_cli(args, bare_step_s: float) -> dict:
     """Steady-state seconds per step of the training script from runs of N and 2N steps: (t_2N - t_N) / N
     cancels loading, latent caching and saving. With several pairs of runs, the median. Compared with the
-    bare T-LoRA (ortho) step."""
-    if not TRAIN_SCRIPT.is_file():
-        return {"error": f"{TRAIN_SCRIPT.name} not found at the repository root"}
+    bare step of the variant the script trains."""
+    script = TRAIN_SCRIPTS[args.family]
+    if not script.is_file():
+        return {"error": f"{script.name} not found at the repository root"}
     # the script's torch must use as many threads as the bare steps it is compared with
     env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads is not None else {})
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = save_pipeline(Path(tmp) / "model", "sdxl", args.size, seed=SEED)
+        model = save_pipeline(Path(tmp) / "model", args.family, args.size, seed=SEED)
         images = Path(tmp) / "images"
         images.mkdir()
         shutil.copy(EXAMPLE_IMAGE, images)
@@ -752,7 +799,7 @@ def measure_cli(args, bare_step_s: float) -> dict:
                 child = subprocess.run(command, capture_output=True, text=True, env=env)
                 durations.append(time.perf_counter() - start)
                 if child.returncode != 0:
-                    return {"error": f"{TRAIN_SCRIPT.name} exited with {child.returncode}:\n{child.stderr[-3000:]}"}
+                    return {"error": f"{script.name} exited with {child.returncode}:\n{child.stderr[-3000:]}"}
             pairs.append(durations)
     step_s = statistics.median((long - short) / args.cli_steps for short, long in pairs)
     return {"median_s": step_s, "ratio": step_s / bare_step_s, "runs_s": pairs}
@@ -791,10 +838,12 @@ def train_table(rows: list[dict], cli: dict | None, args) -> str:
         for r in rows
     ]
     if cli is not None and "error" not in cli:
-        lines.append([f"{TRAIN_SCRIPT.name} (ortho)", f"{cli['median_s']:.3f}", f"{1 / cli['median_s']:.2f}"])
+        script = f"{TRAIN_SCRIPTS[args.family].name} ({SCRIPT_VARIANTS[args.family]})"
+        lines.append([script, f"{cli['median_s']:.3f}", f"{1 / cli['median_s']:.2f}"])
     options = ", gradient checkpointing" * args.gradient_checkpointing + ", 8-bit AdamW" * args.use_8bit_adam
     header = (
-        f"train: {args.size} UNet, {args.resolution} px, batch 1, {args.dtype}{options} on {args.device}, "
+        f"train: {args.size} {get_family(args.family).denoiser_class}, {args.resolution} px, batch 1, "
+        f"{args.dtype}{options} on {args.device}, "
         f"min rank {args.min_rank}\n"
     )
     return header + format_table(headers, lines)
@@ -806,7 +855,7 @@ def run_train(args) -> dict:
         return dry_run(args, adapters, baseline=f"lora{args.rank}")
     # before this process allocates anything, so that on a GPU the children have it to themselves
     memory = {adapter.name: memory_in_child(args, adapter) for adapter in adapters}
-    base, scheduler = build_base_unet(args.size, args.device, DTYPES[args.dtype])
+    base, scheduler = build_base_unet(args.size, args.device, DTYPES[args.dtype], args.family)
     steps = {adapter.name: TrainStep(copy.deepcopy(base), scheduler, adapter, args) for adapter in adapters}
     del base
 
@@ -834,12 +883,15 @@ def run_train(args) -> dict:
     }
     cli = None
     if args.cli:
-        cli = result["cli"] = measure_cli(args, next(r["median_s"] for r in rows if r["name"] == "ortho"))
+        variant = SCRIPT_VARIANTS[args.family]
+        cli = result["cli"] = measure_cli(args, next(r["median_s"] for r in rows if r["name"] == variant))
+        script = TRAIN_SCRIPTS[args.family].name
         if "error" in cli:
-            print(f"{TRAIN_SCRIPT.name} could not be measured: {cli['error']}", file=sys.stderr)
+            print(f"{script} could not be measured: {cli['error']}", file=sys.stderr)
         else:
-            text = "training script steady state at most 1.10x the bare T-LoRA step"
-            targets.append(limit_target(text, f"{TRAIN_SCRIPT.name} / bare T-LoRA (ortho) step", cli["ratio"], 1.10))
+            label = next(adapter.label for adapter in adapters if adapter.name == variant)
+            text = "training script steady state at most 1.10x the bare step"
+            targets.append(limit_target(text, f"{script} / bare {label} step", cli["ratio"], 1.10))
     return report(result, train_table(rows, cli, args), args)
 
 
@@ -872,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=positive_int, default=2, help="optimizer steps per timed call (default 2)")
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
-    train.add_argument("--cli", action="store_true", help=f"also time {TRAIN_SCRIPT.name}'s steady state")
+    train.add_argument("--cli", action="store_true", help="also time the family's training script's steady state")
     train.add_argument("--cli-steps", type=positive_int, default=20, help="N: runs of N and 2N steps (default 20)")
     train.add_argument("--cli-repeats", type=positive_int, default=1, help="pairs of such runs (default 1)")
     train.set_defaults(func=run_train)
@@ -897,8 +949,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         args.min_rank = max(1, args.rank // 2)
     if args.min_rank > args.rank:
         parser.error(f"--min-rank ({args.min_rank}) must not exceed --rank ({args.rank})")
-    if args.family == "flux" and args.command != "infer":
-        parser.error("--family flux: only `infer` has FLUX configurations; `train` benchmarks the SD-XL trainer")
+    if args.family == "flux" and args.command == "train" and args.dry_run:
+        parser.error("--family flux --dry-run counts a denoising step only: use `infer --family flux --dry-run`")
     if args.resolution is None:
         args.resolution = default_resolution(args.family, args.size)
     if args.family == "flux" and args.resolution % (2 * FLUX_VAE_SCALE):

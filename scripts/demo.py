@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End-to-end demo on the CPU: teach the toy base model a robot from one picture, then place it where prompts say.
 
-    python scripts/demo.py [--base_model models/toy-sdxl] [--steps N] [--readme-images]
+    python scripts/demo.py [--family sdxl|flux] [--base_model DIR] [--steps N] [--readme-images]
 
 1. Uses the miniature SD-XL base model trained on the toy world (`models/toy-sdxl`, shipped with the project;
    `make toy-base` retrains it), which has never seen the robot of examples/concept.png.
@@ -13,6 +13,10 @@
 4. The trainer's model card, outputs/demo/tlora/README.md, shows the rank schedule over the sampler's
    steps, its own base-vs-adapter grid and the loss curve. `--readme-images` copies the grid and the schedule
    plot to docs/demo/, where the project README shows them.
+
+`--family flux` runs the same steps with `train_tlora_flux.py` and a stock `FluxPipeline` on a tiny random FLUX.1
+model (outputs/demo/tiny-flux, built when missing; there is no toy FLUX base yet), into grid-flux.png and
+outputs/demo/tlora-flux/: it shows the FLUX path working end to end, not a learned robot.
 """
 
 from __future__ import annotations
@@ -44,17 +48,30 @@ DEMO_RANK = 8
 DEMO_LEARNING_RATE = 1e-2
 DEMO_STEPS = 200
 SCHEDULE_PLOT = "rank_schedule.png"
+# Per family: the training script, the pipeline, the guidance it samples with, and the training flags that differ
+# from the family's defaults for a run on the CPU (FLUX: AdamW, as Prodigy's first steps are too small to show in a
+# short run; fp32, as bf16 is slow on most CPUs; a short T5 prompt length).
+FAMILIES = {
+    "sdxl": {"pipeline": "StableDiffusionXLPipeline", "guidance_scale": 5.0, "flags": []},
+    "flux": {
+        "pipeline": "FluxPipeline",
+        "guidance_scale": 3.5,
+        "flags": ["--optimizer", "adamw", "--mixed_precision", "no", "--max_sequence_length", "64"],
+    },
+}
+RANDOM_FLUX_BASE = DEMO_DIR / "tiny-flux"
 CARD_PLOTS = (SCHEDULE_PLOT, "validation_grid.png", "loss_curve.png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sdxl", help="model family (default sdxl)")
     parser.add_argument(
         "--base_model",
         type=Path,
-        default=SHIPPED_BASE,
-        help="the toy base model folder (default: the shipped models/toy-sdxl; built with train_toy_base.py "
-        "when missing, which takes about 30 minutes)",
+        default=None,
+        help="the base model folder (default for sdxl: the shipped models/toy-sdxl, built with train_toy_base.py "
+        f"when missing, which takes about 30 minutes; for flux: a tiny random model in {RANDOM_FLUX_BASE})",
     )
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default {DEMO_STEPS})")
     parser.add_argument(
@@ -70,10 +87,15 @@ def demo_environment() -> dict[str, str]:
     return env
 
 
-def ensure_model(folder: Path) -> Path:
+def ensure_model(folder: Path, family: str) -> Path:
     if (folder / "model_index.json").is_file():
-        print(f"Using the toy base model in {folder}")
+        print(f"Using the base model in {folder}")
         return folder
+    if family == "flux":
+        from scripts.make_tiny_pipeline import save_pipeline
+
+        print(f"Building a tiny random FLUX.1 model in {folder}")
+        return save_pipeline(folder, "flux", "tiny", overwrite=True)
     print(f"No toy base model in {folder}: training one (about 30 minutes on 2 cores; resumable)", flush=True)
     subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "train_toy_base.py"), str(folder)],
@@ -90,12 +112,12 @@ def make_concept_picture() -> Path:
     return path
 
 
-def train(model: Path, concept: Path, output_dir: Path, steps: int) -> None:
+def train(model: Path, concept: Path, output_dir: Path, family: str, steps: int) -> None:
     """Run the training script through `accelerate launch`, on the CPU, in one process."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO_ROOT / "train_tlora_sdxl.py"),
+        str(REPO_ROOT / f"train_tlora_{family}.py"),
         "--pretrained_model_name_or_path", str(model),
         "--instance_data_dir", str(concept),
         "--instance_prompt", INSTANCE_PROMPT,
@@ -110,35 +132,37 @@ def train(model: Path, concept: Path, output_dir: Path, steps: int) -> None:
         "--num_inference_steps", str(SAMPLING_STEPS),
         "--seed", "0",
         "--output_dir", str(output_dir),
+        *FAMILIES[family]["flags"],
     ]  # fmt: skip
     print("Training: accelerate launch", shlex.join(command[3:]), flush=True)
     subprocess.run(command, check=True, env=demo_environment(), cwd=REPO_ROOT)
 
 
-def sample(pipe, seed: int):
+def sample(pipe, seed: int, guidance_scale: float):
     import torch
 
     generator = torch.Generator("cpu").manual_seed(seed)
     return pipe(
-        list(PROMPTS), height=RESOLUTION, width=RESOLUTION, num_inference_steps=SAMPLING_STEPS, guidance_scale=5.0,
-        generator=generator,
+        list(PROMPTS), height=RESOLUTION, width=RESOLUTION, num_inference_steps=SAMPLING_STEPS,
+        guidance_scale=guidance_scale, generator=generator,
     ).images  # fmt: skip
 
 
-def compare(model: Path, adapter_dir: Path) -> Path:
+def compare(model: Path, adapter_dir: Path, family: str, grid_path: Path) -> Path:
     """Base vs T-LoRA through a stock pipeline, each prompt with every seed of SEEDS; returns the grid's path."""
+    import diffusers
     import numpy as np
     import torch
-    from diffusers import StableDiffusionXLPipeline
 
-    import pipelines.tlora  # noqa: F401  (adds load_tlora_weights to the SD-XL pipelines)
+    import pipelines.tlora  # noqa: F401  (adds load_tlora_weights to the stock pipelines)
     from training.card_assets import validation_grid
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe = getattr(diffusers, FAMILIES[family]["pipeline"]).from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    base = [sample(pipe, seed) for seed in SEEDS]
+    guidance_scale = FAMILIES[family]["guidance_scale"]
+    base = [sample(pipe, seed, guidance_scale) for seed in SEEDS]
     pipe.load_tlora_weights(adapter_dir)
-    tuned = [sample(pipe, seed) for seed in SEEDS]
+    tuned = [sample(pipe, seed, guidance_scale) for seed in SEEDS]
 
     rows = []
     for index, prompt in enumerate(PROMPTS):
@@ -147,7 +171,7 @@ def compare(model: Path, adapter_dir: Path) -> Path:
         change = np.mean([np.abs(np.asarray(b, np.float32) - np.asarray(a, np.float32)).mean() for b, a in pairs])
         print(f"  {prompt!r}: mean pixel change from the adapter {change:.1f} / 255")
         rows.append((prompt, before, after))
-    return validation_grid(rows, DEMO_DIR / "grid.png")
+    return validation_grid(rows, grid_path)
 
 
 def main(argv=None) -> int:
@@ -158,12 +182,15 @@ def main(argv=None) -> int:
     os.environ.update(demo_environment())
     started = time.perf_counter()
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    model = ensure_model(args.base_model)
+    # SD-XL's outputs keep their plain names (grid.png, tlora/); other families' carry the family
+    suffix = "" if args.family == "sdxl" else f"-{args.family}"
+    default_base = SHIPPED_BASE if args.family == "sdxl" else RANDOM_FLUX_BASE
+    model = ensure_model(args.base_model or default_base, args.family)
     concept = make_concept_picture()
-    adapter_dir = DEMO_DIR / "tlora"
-    train(model, concept, adapter_dir, args.steps)
+    adapter_dir = DEMO_DIR / f"tlora{suffix}"
+    train(model, concept, adapter_dir, args.family, args.steps)
     print("Sampling base vs T-LoRA:")
-    grid = compare(model, adapter_dir)
+    grid = compare(model, adapter_dir, args.family, DEMO_DIR / f"grid{suffix}.png")
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(f"  grid (rows: prompts {list(PROMPTS)}; columns: base, T-LoRA): {grid}")
     print(f"  training picture: {concept}")
@@ -173,8 +200,8 @@ def main(argv=None) -> int:
     print(f"  TensorBoard logs: tensorboard --logdir {adapter_dir / 'logs'}")
     if args.readme_images:
         README_IMAGES_DIR.mkdir(parents=True, exist_ok=True)
-        for source in (grid, adapter_dir / SCHEDULE_PLOT):
-            shutil.copyfile(source, README_IMAGES_DIR / source.name)
+        shutil.copyfile(grid, README_IMAGES_DIR / grid.name)
+        shutil.copyfile(adapter_dir / SCHEDULE_PLOT, README_IMAGES_DIR / f"{Path(SCHEDULE_PLOT).stem}{suffix}.png")
         print(f"  copied the grid and the schedule plot to {README_IMAGES_DIR}")
     return 0
 

@@ -227,6 +227,7 @@ def free_memory(device: str) -> None:
 def run_args(setup: Setup, checkpointing: bool, use_8bit_adam: bool) -> argparse.Namespace:
     """The settings scripts/benchmark.py's TrainStep reads."""
     return argparse.Namespace(
+        family="sdxl",
         size=setup.size,
         device=setup.device,
         dtype=setup.dtype,

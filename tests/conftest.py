@@ -52,6 +52,10 @@ torch.set_num_threads(1)
 EXAMPLE_IMAGE = REPO_ROOT / "examples" / "concept.png"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a real training run end to end (left out by `make test-fast`)")
+
+
 def _quiet_loading_progress_bars() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -73,6 +77,17 @@ def _load_on_cpu(pipeline_class: str, folder: Path):
     pipe = getattr(diffusers, pipeline_class).from_pretrained(folder).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def cpu_accelerate(monkeypatch):
+    """For training runs in the test process: on the CPU, also on a GPU machine (results compared bit for bit
+    need deterministic kernels), and with accelerate's process-wide state reset afterwards."""
+    from tests.tlora_testing import reset_accelerate
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    yield
+    reset_accelerate()
 
 
 @pytest.fixture(scope="session")

@@ -67,20 +67,31 @@ def test_loaded_adapters_change_the_unet_output(tiny_pipe, tmp_path, adapter):
         assert lora_a.out_features == adapter.rank
 
 
+# Per family: the fixture pipeline, its denoiser, and a frozen weight no adapter touches.
+FAMILY_CASES = {"sdxl": ("tiny_pipe", "unet", "conv_in"), "flux": ("tiny_flux_pipe", "transformer", "x_embedder")}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CASES))
 @pytest.mark.parametrize("adapter", benchmark.train_adapters(RANK), ids=lambda adapter: adapter.name)
-def test_train_step_trains_only_the_adapter(tiny_pipe, adapter):
-    args = benchmark.parse_args(["train", "--size", "tiny", "--rank", str(RANK)])
-    unet = tiny_pipe.unet.requires_grad_(False)
-    frozen = unet.conv_in.weight.clone()
-    step = benchmark.TrainStep(unet, tiny_pipe.scheduler, adapter, args)
-    trainable = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
+def test_train_step_trains_only_the_adapter_on_the_familys_projections(family, adapter, request):
+    pipe_fixture, attribute, frozen_module = FAMILY_CASES[family]
+    pipe = request.getfixturevalue(pipe_fixture)
+    args = benchmark.parse_args(["train", "--family", family, "--size", "tiny", "--rank", str(RANK)])
+    denoiser = getattr(pipe, attribute).requires_grad_(False)
+    targets = set(tl.injection.find_target_projections(denoiser, benchmark.target_modules(family)))
+    frozen = denoiser.get_submodule(frozen_module).weight.clone()
+    step = benchmark.TrainStep(denoiser, pipe.scheduler, adapter, args)
+    trainable = {name: p.detach().clone() for name, p in denoiser.named_parameters() if p.requires_grad}
     step()
 
     marker = ".tlora." if adapter.kind == "tlora" else ".lora_"
     assert trainable and all(marker in name for name in trainable)
-    current = dict(unet.named_parameters())
+    # LoRA and T-LoRA go on the same projections (FLUX: 2 double-stream blocks x 7, 2 single-stream blocks x 3)
+    assert {name.split(marker)[0] for name in trainable} == targets
+    assert family != "flux" or len(targets) == 20
+    current = dict(denoiser.named_parameters())
     assert any(not torch.equal(current[name], value) for name, value in trainable.items())
-    assert torch.equal(unet.conv_in.weight, frozen)
+    assert torch.equal(denoiser.get_submodule(frozen_module).weight, frozen)
 
 
 def test_infer_prints_the_table_and_targets_and_writes_json(tmp_path, capsys):
@@ -100,6 +111,7 @@ def test_infer_prints_the_table_and_targets_and_writes_json(tmp_path, capsys):
     assert not list(out.parent.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # a child process per configuration measures its memory
 def test_train_prints_speed_and_memory(tmp_path, capsys):
     out = tmp_path / "train.json"
     argv = ["train", "--size", "tiny", "--rank", str(RANK), "--repeats", "1", "--steps", "1", "--json", str(out)]
@@ -241,8 +253,9 @@ def test_flux_full_size_is_flux_dev_and_its_flops_count(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--family", "flux", "--size", "tiny"], "only `infer` has FLUX configurations"),
+        (["train", "--family", "flux", "--size", "tiny", "--dry-run"], "use `infer --family flux --dry-run`"),
         (["infer", "--family", "flux", "--size", "tiny", "--resolution", "72"], "multiple of 16 for FLUX"),
+        (["train", "--family", "flux", "--size", "tiny", "--resolution", "72"], "multiple of 16 for FLUX"),
     ],
 )
 def test_flux_settings_that_cannot_run_are_refused(argv, message, capsys):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import pipelines.tlora as tl
-from pipelines.tlora.families import ModelFamily
+from pipelines.tlora.families import ModelFamily, get_family
 
 from .seeds import INIT_STREAM, derived_seed
 
@@ -41,3 +43,10 @@ def attach_adapter(denoiser, config: tl.TLoraConfig, args, seed: int) -> list[to
     for adapter in tl.inject_tlora(denoiser, config, generator=generator).values():
         adapter.to(torch.float32)  # the adapter trains in fp32 even when the frozen denoiser is in fp16/bf16
     return [param for param in denoiser.parameters() if param.requires_grad]
+
+
+def save_adapter(directory: str | Path, denoiser, config: tl.TLoraConfig) -> Path:
+    """Write the denoiser's training adapter as `directory/pytorch_tlora_weights.safetensors`."""
+    attribute = get_family(config.model_family).denoiser_attribute  # "unet" or "transformer"
+    layers = {f"{attribute}_tlora_layers": tl.get_tlora_state_dict(denoiser)}
+    return tl.save_tlora_weights(directory, tlora_config=config, **layers)

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
 from accelerate.utils import is_wandb_available
-from huggingface_hub import get_token
+from huggingface_hub import get_token, hf_hub_download
 
-from pipelines.tlora.families import ModelFamily
+from pipelines.tlora.families import FAMILIES, ModelFamily
 from scripts.arguments import non_negative_int, positive_int
 
 from .checkpoints import explicit_checkpoint
 from .data import DATASETS_MISSING, instance_image_files
 from .errors import InputError
+
+# The script that trains each family, for the message when a model is given to the wrong one.
+TRAINING_SCRIPTS = {"sdxl": "train_tlora_sdxl.py", "flux": "train_tlora_flux.py"}
 
 
 def build_parser(description: str, family: ModelFamily) -> tuple[argparse.ArgumentParser, dict]:
@@ -373,3 +377,31 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             explicit_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
         except InputError as error:
             fail(str(error))
+
+
+def _pipeline_class(args) -> str | None:
+    """`_class_name` of the base model's model_index.json: read from a local folder, or fetched from the Hub
+    (one small file); None where it cannot be had, and then loading the model reports the problem."""
+    path = Path(args.pretrained_model_name_or_path)
+    try:
+        if path.is_dir():
+            index = path / "model_index.json"
+        else:
+            index = hf_hub_download(args.pretrained_model_name_or_path, "model_index.json", revision=args.revision)
+        return json.loads(Path(index).read_text()).get("_class_name")
+    except Exception:  # offline, not on the Hub, not a pipeline folder: all left to the model loading
+        return None
+
+
+def check_model_family(parser: argparse.ArgumentParser, args: argparse.Namespace, family: ModelFamily) -> None:
+    """Refuse a base model of another family, naming the script that trains it."""
+    pipeline_class = _pipeline_class(args)
+    found = next((f for f in FAMILIES.values() if pipeline_class in f.pipeline_classes), None)
+    if found is None or found.name == family.name:
+        return
+    script = TRAINING_SCRIPTS.get(found.name)
+    advice = f"train it with {script}" if script else f"no script here trains {found.display_name} yet"
+    parser.error(
+        f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a {found.display_name} model "
+        f"({pipeline_class}), not {family.display_name}: {advice}"
+    )

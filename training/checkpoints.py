@@ -19,6 +19,7 @@ from accelerate.logging import get_logger
 import pipelines.tlora as tl
 from pipelines.tlora.file_format import METADATA_KEY, read_safetensors
 
+from .adapter import save_adapter
 from .errors import InputError
 
 logger = get_logger(__name__)
@@ -110,16 +111,16 @@ def register_checkpoint_hooks(accelerator: Accelerator, denoiser, config: tl.TLo
     """Make accelerate's `save_state` / `load_state` store the adapter (not the frozen denoiser), as the same
     loadable file as the result."""
 
-    def save_adapter(models, weights, output_dir):
+    def save_hook(models, weights, output_dir):
         for _ in models:
             weights.pop()
         if accelerator.is_main_process:
-            tl.save_tlora_weights(output_dir, tl.get_tlora_state_dict(accelerator.unwrap_model(denoiser)), config)
+            save_adapter(output_dir, accelerator.unwrap_model(denoiser), config)
 
-    def load_adapter(models, input_dir):
+    def load_hook(models, input_dir):
         models.clear()
         state_dict, _ = tl.read_tlora_file(Path(input_dir) / tl.WEIGHT_NAME)
         tl.set_tlora_state_dict(accelerator.unwrap_model(denoiser), state_dict)
 
-    accelerator.register_save_state_pre_hook(save_adapter)
-    accelerator.register_load_state_pre_hook(load_adapter)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

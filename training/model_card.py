@@ -23,9 +23,14 @@ class CardFacts:
 
     model_name: str  # e.g. "Stable Diffusion XL"
     pipeline_class: str  # the stock diffusers pipeline that loads the adapter
-    license: str  # the base model's licence id on the Hub
+    license: str  # the base model's licence id on the Hub ("other" with a name and link for custom licences)
     tags: tuple[str, ...]
     torch_dtype: str  # for the usage example, e.g. "torch.float16"
+    license_name: str | None = None
+    license_link: str | None = None
+    # the flag holding the sampling guidance of validation and the usage example ("guidance_scale" for SD-XL;
+    # FLUX.1 trains with guidance 1 and samples with --validation_guidance_scale)
+    sampling_guidance_flag: str = "guidance_scale"
     license_note: str = ""  # a paragraph on the licence, where its terms matter to users
 
 
@@ -55,6 +60,8 @@ def write_model_card(
     # The Hub rejects a `base_model` that is not a Hub id, so a local base model is named in the text only.
     card_data = ModelCardData(
         license=facts.license,
+        license_name=facts.license_name,
+        license_link=facts.license_link,
         base_model=base if _is_hub_id(base) else None,
         tags=list(facts.tags),
         instance_prompt=args.instance_prompt,
@@ -84,7 +91,8 @@ def write_model_card(
         adapter_location,
         args.instance_prompt,
         # the settings of the card's images and rank-schedule plot
-        f"num_inference_steps={args.num_inference_steps}, guidance_scale={args.guidance_scale}",
+        f"num_inference_steps={args.num_inference_steps}, "
+        f"guidance_scale={getattr(args, facts.sampling_guidance_flag)}",
         facts.pipeline_class,
         facts.torch_dtype,
         has_loader_files=extras is not None,

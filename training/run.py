@@ -18,10 +18,13 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
 import pipelines.tlora as tl
 
-from .card_assets import LOSS_HISTORY, LossHistory
+from .adapter import method_name, save_adapter
+from .card_assets import LOSS_HISTORY, LossHistory, write_card_extras
 from .checkpoints import check_checkpoint_config, checkpoint_step, remove_partial_checkpoints, resume_checkpoint
 from .data import ImageRecord, load_class_records, load_instance_records
 from .hub import create_hub_repo, push_to_hub
+from .model_card import CardFacts, write_model_card
+from .validation import run_validation
 
 logger = get_logger(__name__)
 
@@ -51,7 +54,7 @@ def make_accelerator(args) -> Accelerator:
     return accelerator
 
 
-def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+def mixed_precision_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype of the frozen models: the mixed-precision one (the adapter trains in fp32 regardless)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -105,6 +108,17 @@ def start_tracking(accelerator: Accelerator, args, tracker_name: str) -> None:
         accelerator.init_trackers(tracker_name, config=config)
 
 
+def log_run_start(accelerator: Accelerator, args, config: tl.TLoraConfig, images: tuple[int, int], cached: bool,
+                  seed: int, details: str = "") -> None:  # fmt: skip
+    """One line on what is about to be trained: the method, the images (instance, class), the batch, the seed."""
+    batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"Training {method_name(config)} (rank {config.rank}, min rank {config.min_rank}) on {images[0]} instance "
+        f"and {images[1]} class images: {args.max_train_steps} steps of {batch} samples, {details}"
+        f"latents {'cached' if cached else 'encoded every step'}, seed {seed}."
+    )
+
+
 def resume(accelerator: Accelerator, checkpoint: Path | None, dataloader, args):
     """Restore the training state of `checkpoint` (if any); returns the step reached and the batches still to
     come (the data loader covers the whole run, see `training.data`)."""
@@ -116,16 +130,52 @@ def resume(accelerator: Accelerator, checkpoint: Path | None, dataloader, args):
     return step, accelerator.skip_first_batches(dataloader, step * args.gradient_accumulation_steps)
 
 
-def publish_and_report(
-    args, accelerator: Accelerator, repo_id: str | None, written: dict, steps: tuple[int, int], elapsed: float
+def finish_training(
+    args,
+    accelerator: Accelerator,
+    denoiser,
+    config: tl.TLoraConfig,
+    inputs: RunInputs,
+    *,
+    pipeline,
+    validation_embeddings: list[dict],
+    generate,
+    card: CardFacts,
+    card_settings: dict[str, str] | None = None,
+    steps: tuple[int, int],
+    seed: int,
+    elapsed: float,
 ) -> None:
-    """Upload the result (if asked) and print one line on what was trained and where it is. Main process only;
-    `steps` is (first step, last step) of this run."""
-    if repo_id is not None:
-        push_to_hub(args, repo_id)
-        written["Hub"] = f"https://huggingface.co/{repo_id}"
-    first, last = steps
-    count = last - first
-    pace = f"{elapsed / count:.2f} s/step" if count else "no steps run"
-    where = " ".join(f"{name}: {path}." for name, path in written.items())
-    accelerator.print(f"Trained steps {first + 1}-{last} ({count} steps) in {elapsed:.1f} s, {pace}. {where}")
+    """After the last step: save the adapter, sample the validation prompts from the saved file, write the model
+    card (main process), upload (if asked) and print one line on what was trained and where it is.
+    `steps` is (first step, last step) of this run; `generate` is the family's sampler (see `validation`)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        denoiser = accelerator.unwrap_model(denoiser)
+        written = {"Adapter": save_adapter(output_dir, denoiser, config)}
+        validation_paths = []
+        if args.validation_prompt:
+            # The final images come from the saved file, loaded the way users load it.
+            tl.remove_tlora(denoiser)
+            pipeline.load_tlora_weights(str(output_dir))
+            validation_paths = run_validation(
+                pipeline, validation_embeddings, args, accelerator, steps[1], seed, generate=generate
+            )
+            written["Validation images"] = output_dir / "validation"
+        extras = write_card_extras(
+            args, config, pipeline, validation_embeddings, validation_paths, accelerator, seed, generate=generate
+        )
+        written["Model card"] = write_model_card(
+            args, config, card, validation_paths, inputs.repo_id, steps[1], card_settings, extras=extras
+        )
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        if inputs.repo_id is not None:
+            push_to_hub(args, inputs.repo_id)
+            written["Hub"] = f"https://huggingface.co/{inputs.repo_id}"
+        first, last = steps
+        count = last - first
+        pace = f"{elapsed / count:.2f} s/step" if count else "no steps run"
+        where = " ".join(f"{name}: {path}." for name, path in written.items())
+        accelerator.print(f"Trained steps {first + 1}-{last} ({count} steps) in {elapsed:.1f} s, {pace}. {where}")

@@ -21,6 +21,7 @@ import pipelines.tlora as tl
 from pipelines.tlora.families import denoiser_of
 from pipelines.tlora.file_format import write_atomically
 
+from .data import load_class_records
 from .images import image_files
 from .seeds import CLASS_IMAGE_STREAM, derived_seed
 
@@ -85,6 +86,15 @@ def generate_class_images(pipeline, embeddings: dict, args, accelerator, seed: i
                 digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
                 save_image(image, folder / f"{index:05d}-{digest}.jpg")
     accelerator.wait_for_everyone()
+
+
+def fill_class_images(pipeline, embeddings, class_records: list, args, accelerator, seed: int, *, generate) -> list:
+    """The class images for prior preservation: those found, or, when fewer than --num_class_images, those
+    after generating the missing ones. Without prior preservation, none."""
+    if not args.with_prior_preservation or len(class_records) >= args.num_class_images:
+        return class_records
+    generate_class_images(pipeline, embeddings, args, accelerator, seed, generate=generate)
+    return load_class_records(args)
 
 
 def save_image(image: Image.Image, path: Path) -> None:
