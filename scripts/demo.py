@@ -88,6 +88,7 @@ def train(model: Path, output_dir: Path, size: str, steps: int) -> None:
         "--num_inference_steps", "10",
         "--seed", "0",
         "--output_dir", str(output_dir),
+        "--overwrite",  # the demo's own folder: running the demo again replaces its earlier result
     ]  # fmt: skip
     print("Training: accelerate launch", shlex.join(command[3:]), flush=True)
     subprocess.run(command, check=True, env=demo_environment(), cwd=REPO_ROOT)

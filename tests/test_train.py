@@ -149,12 +149,52 @@ BAD_COMMAND_LINES = {
     "no data": ([], "--instance_data_dir and --dataset_name"),
     "min_rank above rank": ([*DATA, "--rank", "8", "--min_rank", "9"], "--min_rank (9) must not exceed --rank (8)"),
     "resolution not divisible by 8": ([*DATA, "--resolution", "100"], "--resolution must be divisible by 8"),
-    "output_dir is a file": ([*DATA, "--output_dir", "{file}"], "--output_dir {file} is a file"),
+    "output_dir is a file": ([*DATA, "--output_dir", "{file}"], "argument --output_dir: {file} is a file"),
+    "output_dir below a file": ([*DATA, "--output_dir", "{file}/out"], "argument --output_dir: {file} is a file, so"),
+    "output_dir empty": ([*DATA, "--output_dir", ""], "argument --output_dir: must not be empty"),
+    "instance_data_dir empty": (["--instance_data_dir", ""], "argument --instance_data_dir: must not be empty"),
+    "logging_dir below a file": ([*DATA, "--output_dir", "{tmp}", "--logging_dir", "a_file/logs"], "--logging_dir"),
+    "model folder missing": (
+        [*DATA, "--pretrained_model_name_or_path", "{tmp}/no-model"],
+        "--pretrained_model_name_or_path {tmp}/no-model: no such folder",
+    ),
+    "model folder not a pipeline": (
+        [*DATA, "--pretrained_model_name_or_path", "{empty}"],
+        "not a diffusers pipeline folder (no readable model_index.json",
+    ),
+    "model folder of another family": (
+        [*DATA, "--pretrained_model_name_or_path", "{sd_model}"],
+        "holds a StableDiffusionPipeline, not a Stable Diffusion XL pipeline",
+    ),
+    "target module with a space": ([*DATA, "--target_modules", "to_q to_k"], "--target_modules 'to_q to_k'"),
+    "target module with a trailing dot": ([*DATA, "--target_modules", "to_q."], "--target_modules 'to_q.'"),
+    "rank of 10**12": ([*DATA, "--rank", "1000000000000"], "argument --rank: must be an integer from 1 to 65536"),
+    "rank as 1e12": ([*DATA, "--rank", "1e12"], "argument --rank: must be an integer from 1 to 65536, got '1e12'"),
+    "repeats of 10**9": ([*DATA, "--repeats", "1000000000"], "argument --repeats: must be an integer from 1 to 10000"),
+    "learning rate inf": ([*DATA, "--learning_rate", "inf"], "argument --learning_rate: must be a finite number > 0"),
+    "learning rate nan": ([*DATA, "--learning_rate", "nan"], "argument --learning_rate: must be a finite number > 0"),
+    "learning rate 0": ([*DATA, "--learning_rate", "0"], "argument --learning_rate: must be a finite number > 0"),
+    "max_grad_norm nan": ([*DATA, "--max_grad_norm", "nan"], "argument --max_grad_norm: must be a finite number > 0"),
+    "max_grad_norm negative": ([*DATA, "--max_grad_norm=-1"], "argument --max_grad_norm: must be a finite number > 0"),
+    "snr_gamma negative": ([*DATA, "--snr_gamma=-1"], "argument --snr_gamma: must be a finite number > 0"),
+    "prior weight nan": ([*DATA, "--prior_loss_weight", "nan"], "argument --prior_loss_weight: must be a finite"),
+    "beta1 of 1": ([*DATA, "--adam_beta1", "1"], "argument --adam_beta1: must be a finite number >= 0 and < 1"),
+    "beta2 negative": ([*DATA, "--adam_beta2=-0.1"], "argument --adam_beta2: must be a finite number >= 0 and < 1"),
+    "epsilon 0": ([*DATA, "--adam_epsilon", "0"], "argument --adam_epsilon: must be a finite number > 0"),
+    "weight decay inf": ([*DATA, "--adam_weight_decay", "inf"], "argument --adam_weight_decay: must be a finite"),
+    "schedule exponent negative": ([*DATA, "--rank_schedule_exponent=-1"], "argument --rank_schedule_exponent"),
+    "lora_alpha nan": ([*DATA, "--lora_alpha", "nan"], "argument --lora_alpha: must be a finite number > 0"),
+    "guidance nan": ([*DATA, "--guidance_scale", "nan"], "argument --guidance_scale: must be a finite number >= 0"),
+    "lr_power inf": ([*DATA, "--lr_power", "inf"], "argument --lr_power: must be a finite number > 0"),
     "missing checkpoint": (
         [*DATA, "--output_dir", "{tmp}", "--resume_from_checkpoint", "checkpoint-7"],
         "--resume_from_checkpoint checkpoint-7 does not exist",
     ),
     "not a checkpoint": ([*DATA, "--resume_from_checkpoint", "{empty}"], "is not a checkpoint-N folder"),
+    "checkpoint without optimizer state": (
+        [*DATA, "--resume_from_checkpoint", "{no_optimizer}"],
+        "checkpoint-3 has no optimizer.bin (the optimizer state)",
+    ),
     "prior without class prompt": (
         [*DATA, "--with_prior_preservation", "--class_data_dir", "{tmp}"],
         "--with_prior_preservation needs --class_prompt",
@@ -193,11 +233,18 @@ def test_bad_command_lines_are_refused_naming_the_flag(case, tmp_path, capsys, m
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    no_optimizer = tmp_path / "run" / "checkpoint-3"
+    no_optimizer.mkdir(parents=True)
+    (no_optimizer / tl.WEIGHT_NAME).write_bytes(b"")
     places = {
         "examples": REPO_ROOT / "examples",
         "empty": tmp_path / "empty",
         "file": tmp_path / "a_file",
         "tmp": tmp_path,
+        "sd_model": tmp_path / "sd",
+        "no_optimizer": no_optimizer,
     }
     argv, message = BAD_COMMAND_LINES[case]
     argv = [part.format(**places) for part in argv]
@@ -612,6 +659,111 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tiny_sdxl_di
 
     run_main(train, *argv, "--resume_from_checkpoint", "latest")
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+# --------------------------------------------------------------------------- runs that must not mix or lose work
+
+
+def test_a_second_run_into_a_used_folder_is_refused_unless_overwrite(tiny_sdxl_dir, tmp_path, caplog):
+    output = tmp_path / "out"
+    argv = base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "2", "--checkpointing_steps", "1")
+    run_main(train, *argv)
+    first = read_adapter(output)[0]
+    (output / "README.md").write_text("my notes")  # something of the user's in the folder
+    with pytest.raises(InputError, match="already holds files of another training run .* replace it with --overwrite"):
+        run_main(train, *argv, "--learning_rate", "5e-2")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="It holds no checkpoint of its own run"):
+        run_main(train, *argv, "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "new")
+    assert (output / "README.md").read_text() == "my notes"
+    assert max_difference(read_adapter(output)[0], first) == 0
+
+    run_main(train, *argv, "--learning_rate", "5e-2", "--max_train_steps", "1", "--overwrite")
+    assert max_difference(read_adapter(output)[0], first) > 0
+    # The earlier run's checkpoint-2 is gone; a later `latest` can only continue the new run.
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    latest = resume_checkpoint(types.SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(output)))
+    assert latest == output / "checkpoint-1"
+
+
+def test_latest_never_continues_another_runs_checkpoint(tiny_sdxl_dir, tmp_path, caplog):
+    output = tmp_path / "out"
+    run_main(train, *base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    other = tmp_path / "other"
+    run_main(train, *base_args(tiny_sdxl_dir, other, None, "--max_train_steps", "3", "--checkpointing_steps", "3"))
+    shutil.copytree(other / "checkpoint-3", output / "checkpoint-3")  # e.g. a copy into the wrong folder
+    PartialState()  # accelerate's logger needs its state
+    latest = resume_checkpoint(types.SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(output)))
+    assert latest == output / "checkpoint-2"
+    assert "skipping checkpoint-3, of another run" in caplog.text
+
+
+def test_an_explicit_resume_keeps_the_checkpoint_it_writes_and_refuses_changed_optimizer_settings(
+    tiny_sdxl_dir, tmp_path
+):
+    output = tmp_path / "out"
+    argv = base_args(
+        tiny_sdxl_dir, output, None, "--max_train_steps", "4", "--checkpointing_steps", "1",
+        "--checkpoints_total_limit", "2",
+    )  # fmt: skip
+    run_main(train, *argv)
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    with pytest.raises(InputError, match=r"later checkpoints of this run \(checkpoint-4\); resuming from"):
+        run_main(train, *argv, "--resume_from_checkpoint", "checkpoint-3")
+    with pytest.raises(InputError, match="--learning_rate 0.01 in the checkpoint, 0.02 now"):
+        run_main(train, *argv, "--resume_from_checkpoint", "checkpoint-3", "--learning_rate", "2e-2", "--overwrite")
+
+    run_main(train, *argv, "--resume_from_checkpoint", "checkpoint-3", "--overwrite", "--max_train_steps", "5")
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert max_difference(read_adapter(output / "checkpoint-5")[0], read_adapter(output)[0]) == 0
+
+
+def test_a_diverging_run_stops_before_saving_anything_diverged(tiny_sdxl_dir, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "out"
+    argv = base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "6", "--checkpointing_steps", "1")
+    argv[argv.index("--learning_rate") + 1] = "1e30"  # finite, accepted, and far too high
+    monkeypatch.setattr(sys, "argv", ["train_tlora_sdxl.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: training diverged at step (\d+): the gradients are (nan|inf) .*is intact\.", err)
+    diverged_at = int(re.search(r"step (\d+)", err).group(1))
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert [path.name for path in checkpoints] == [f"checkpoint-{n}" for n in range(1, diverged_at)]
+    assert all(torch.isfinite(t).all() for path in checkpoints for t in read_adapter(path)[0].values())
+    assert not (output / tl.WEIGHT_NAME).exists()
+
+
+AFTER_LOADING = {
+    "resolution too small": (["--resolution", "8"], "--resolution 8 is too small for this model: it needs at least"),
+    "target modules matching nothing": (["--target_modules", "to_nowhere"], "matches target_modules=['to_nowhere']"),
+    "rank wider than the model": (["--rank", "65536"], "Rank 65536 is larger than any adapted projection can hold"),
+    "unknown hub model": (["--pretrained_model_name_or_path", "nobody/no-model"], "cannot load nobody/no-model"),
+}
+
+
+@pytest.mark.parametrize("case", list(AFTER_LOADING))
+def test_what_only_the_loaded_model_can_refuse_ends_in_one_error_line(
+    case, tiny_sdxl_dir, tmp_path, capsys, monkeypatch
+):
+    extra, message = AFTER_LOADING[case]
+    argv = [*base_args(tiny_sdxl_dir, tmp_path / "out", None, "--max_train_steps", "1"), *extra]
+    monkeypatch.setattr(sys, "argv", ["train_tlora_sdxl.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert message in err.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / tl.WEIGHT_NAME).exists()
+
+
+def test_an_image_far_from_square_is_refused_before_resizing(tmp_path):
+    Image.new("RGB", (60000, 2), "red").save(tmp_path / "strip.png")
+    with pytest.raises(InputError, match=r"strip.png is 60000x2 px, more than 16 times wider than high"):
+        make_record(tmp_path / "strip.png", str(tmp_path / "strip.png"), 1024, PROMPT)
 
 
 def test_prior_preservation_generates_missing_class_images(tiny_sdxl_dir, tmp_path, monkeypatch):
