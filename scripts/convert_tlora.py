@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "keeping the timestep masks; print the node settings (max_rank, min_rank, alpha, max_timestep) that "
         "reproduce the adapter's schedule and store them in the file's `tlora_comfyui_node` metadata.",
     )
-    comfy.add_argument("out", type=path_text, metavar="OUT", help="a .safetensors file, or a folder (e.g. models/loras)")
+    comfy.add_argument(
+        "out", type=path_text, metavar="OUT", help="a .safetensors file, or a folder (e.g. models/loras)"
+    )
     comfy.add_argument(
         "--loader",
         choices=LOADERS,
