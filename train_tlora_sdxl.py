@@ -44,11 +44,12 @@ from tqdm.auto import tqdm
 
 import pipelines.tlora  # noqa: F401  (gives the stock pipelines load_tlora_weights, used in validation)
 from pipelines.tlora.families import SDXL
+from scripts.arguments import bounded_float, path_text
 from training.adapter import attach_adapter, tlora_config_from_args
-from training.arguments import build_parser, check_args, check_model_family
+from training.arguments import build_parser, check_args, check_model_family, check_resolution
 from training.checkpoints import register_checkpoint_hooks, save_checkpoint
 from training.data import DreamBoothDataset, make_dataloader, training_prompts
-from training.errors import run_with_exit_codes
+from training.errors import InputError, run_with_exit_codes
 from training.latents import batch_moments, denormalize_latents, latent_cache, sample_latents
 from training.model_card import CardFacts
 from training.optim import make_lr_scheduler, make_optimizer
@@ -63,7 +64,7 @@ from training.run import (
     start_tracking,
 )
 from training.seeds import NOISE_STREAM, derived_seed
-from training.stopping import StopRequest, exit_stopped
+from training.stopping import StopRequest, exit_stopped, stop_if_diverged
 from training.validation import current_adapter_loaded, fill_class_images, run_validation
 
 logger = get_logger(__name__)
@@ -99,15 +100,21 @@ def parse_args(input_args=None):
     )
     groups["model"].add_argument(
         "--pretrained_vae_model_name_or_path",
-        type=str,
+        type=path_text,
         default=None,
         help="A VAE to use instead of the model's own (e.g. one that is stable in fp16).",
     )
     groups["validation"].add_argument(
-        "--guidance_scale", type=float, default=5.0, help="Classifier-free guidance for validation and class images."
+        "--guidance_scale",
+        type=bounded_float(0),
+        default=5.0,
+        help="Classifier-free guidance for validation and class images.",
     )
     groups["optimization"].add_argument(
-        "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is common); off by default."
+        "--snr_gamma",
+        type=bounded_float(0, low_open=True),
+        default=None,
+        help="Min-SNR loss weighting gamma (5.0 is common); off by default.",
     )
     groups["hub"].add_argument(
         "--export_for_tools",
@@ -120,7 +127,7 @@ def parse_args(input_args=None):
     )
     parser.set_defaults(**DEFAULTS)
     args = parser.parse_args(input_args)
-    check_args(parser, args)
+    check_args(parser, args, SDXL)
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         parser.error("--enable_xformers_memory_efficient_attention needs xformers, which is not installed")
     check_model_family(parser, args, SDXL)
@@ -132,11 +139,17 @@ def parse_args(input_args=None):
 
 def _load_base_pipeline(args, device, dtype) -> StableDiffusionXLPipeline:
     extra = {}
-    if args.pretrained_vae_model_name_or_path is not None:
-        extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
-    pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **extra
-    )
+    flag = "--pretrained_vae_model_name_or_path"
+    try:
+        if args.pretrained_vae_model_name_or_path is not None:
+            extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+        flag = "--pretrained_model_name_or_path"
+        pipeline = StableDiffusionXLPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **extra
+        )
+    except (OSError, ValueError) as error:  # missing files, unknown repo ids, wrong revisions or variants
+        raise InputError(f"{flag}: cannot load {getattr(args, flag[2:])}: {str(error).splitlines()[0]}") from None
+    check_resolution(args.resolution, pipeline.unet, pipeline.vae)
     # The frozen models run in the mixed-precision dtype, except the VAE: the SD-XL VAE overflows in fp16.
     cast = {} if dtype == torch.float32 else {"dtype": dtype}
     for component in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.vae):
@@ -350,7 +363,8 @@ def main(args) -> None:
                 loss = batch_loss(unet, batch, models, moments_cache, noise_generator, args)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    stop_if_diverged(grad_norm, accelerator, global_step + 1, last_checkpoint, progress)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()

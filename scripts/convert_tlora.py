@@ -34,13 +34,15 @@ from pipelines.tlora.families import FAMILIES  # noqa: E402
 from pipelines.tlora.comfyui_export import LOADERS  # noqa: E402
 from pipelines.tlora.lora_export import DEFAULT_TOOL, TOOL_FORMATS  # noqa: E402
 from pipelines.tlora.official_format import DEFAULT_CLASS_NAME, DEFAULT_PLACEHOLDER_TOKEN  # noqa: E402
-from scripts.arguments import positive_int  # noqa: E402
+from scripts.arguments import finite_float, output_folder, path_text, positive_int  # noqa: E402
 
 
 def _export_command(commands, name: str, help: str, description: str) -> argparse.ArgumentParser:
     """A subcommand reading our T-LoRA file (IN), with --overwrite for its outputs."""
     command = commands.add_parser(name, help=help, description=description)
-    command.add_argument("source", type=Path, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder")
+    command.add_argument(
+        "source", type=path_text, metavar="IN", help="pytorch_tlora_weights.safetensors or its folder"
+    )
     command.add_argument("--overwrite", action="store_true")
     return command
 
@@ -57,13 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         "lora.pt is read with torch.load(weights_only=True): tensors only, anything else is refused.",
     )
     importer.add_argument(
-        "checkpoint", type=Path, help="checkpoint-N folder or its weights (pytorch_lora_weights.safetensors, lora.pt)"
+        "checkpoint",
+        type=path_text,
+        help="checkpoint-N folder or its weights (pytorch_lora_weights.safetensors, lora.pt)",
     )
-    importer.add_argument("out_dir", type=Path)
-    importer.add_argument("--hparams", type=Path, help="hparams.yml (default: <run>/logs/hparams.yml)")
+    importer.add_argument("out_dir", type=output_folder)
+    importer.add_argument("--hparams", type=path_text, help="hparams.yml (default: <run>/logs/hparams.yml)")
     importer.add_argument("--rank", type=positive_int, help="maximum rank (SD-XL: lora_rank; FLUX: rank)")
     importer.add_argument("--min-rank", type=positive_int, help="minimum rank of the schedule (min_rank)")
-    importer.add_argument("--schedule-exponent", type=float, help="schedule exponent (alpha_rank_scale)")
+    importer.add_argument("--schedule-exponent", type=finite_float, help="schedule exponent (alpha_rank_scale)")
     importer.add_argument("--variant", choices=("ortho", "vanilla"), help="expected variant (checked against the keys)")
     importer.add_argument("--base-model", help="base model name recorded in the file")
     importer.add_argument("--overwrite", action="store_true")
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write OUT_DIR/checkpoint-STEP/pytorch_lora_weights.safetensors (SD-XL) or lora.safetensors "
         "(FLUX, all 14 tensors of every block) and OUT_DIR/logs/hparams.yml.",
     )
-    exporter.add_argument("out_dir", type=Path)
+    exporter.add_argument("out_dir", type=output_folder)
     exporter.add_argument("--step", type=int, default=0, help="checkpoint number in the folder name (default 0)")
     exporter.add_argument(
         "--placeholder-token",
@@ -96,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Freeze the rank mask at one timestep or rank (default: full rank) and write a standard LoRA. "
         "The result has no timestep masking: it is exact only where the schedule uses that rank.",
     )
-    lora.add_argument("out", type=Path, metavar="OUT", help="a .safetensors file, or a folder")
+    lora.add_argument("out", type=path_text, metavar="OUT", help="a .safetensors file, or a folder")
     frozen_at = lora.add_mutually_exclusive_group()
-    frozen_at.add_argument("--timestep", type=float, help="freeze at the rank the schedule uses at this timestep")
+    frozen_at.add_argument(
+        "--timestep", type=finite_float, help="freeze at the rank the schedule uses at this timestep"
+    )
     frozen_at.add_argument("--rank", type=positive_int, help="freeze at this many active components")
     lora.add_argument(
         "--for",
@@ -119,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "keeping the timestep masks; print the node settings (max_rank, min_rank, alpha, max_timestep) that "
         "reproduce the adapter's schedule and store them in the file's `tlora_comfyui_node` metadata.",
     )
-    comfy.add_argument("out", type=Path, metavar="OUT", help="a .safetensors file, or a folder (e.g. models/loras)")
+    comfy.add_argument(
+        "out", type=path_text, metavar="OUT", help="a .safetensors file, or a folder (e.g. models/loras)"
+    )
     comfy.add_argument(
         "--loader",
         choices=LOADERS,
@@ -135,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "that `DiffusionPipeline.from_pretrained(BASE, custom_pipeline=ADAPTER_DIR_OR_REPO, trust_remote_code=True)` "
         "gives a pipeline with `load_tlora_weights` without this project installed. Upload them with the adapter.",
     )
-    loader.add_argument("adapter_dir", type=Path, metavar="ADAPTER_DIR", help="folder holding the T-LoRA file")
+    loader.add_argument("adapter_dir", type=path_text, metavar="ADAPTER_DIR", help="folder holding the T-LoRA file")
     loader.add_argument(
         "--family",
         choices=sorted(FAMILIES),
@@ -144,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     loader.add_argument("--overwrite", action="store_true", help="replace same-named files not written by this tool")
 
     inspector = commands.add_parser("inspect", help="summarise an adapter in either layout")
-    inspector.add_argument("path", type=Path, metavar="FILE")
-    inspector.add_argument("--hparams", type=Path, help="hparams.yml of an authors' checkpoint")
+    inspector.add_argument("path", type=path_text, metavar="FILE")
+    inspector.add_argument("--hparams", type=path_text, help="hparams.yml of an authors' checkpoint")
     return parser
 
 

@@ -132,6 +132,7 @@ def train(model: Path, concept: Path, output_dir: Path, family: str, steps: int)
         "--num_inference_steps", str(SAMPLING_STEPS),
         "--seed", "0",
         "--output_dir", str(output_dir),
+        "--overwrite",  # the demo's own folder: running the demo again replaces its earlier result
         *FAMILIES[family]["flags"],
     ]  # fmt: skip
     print("Training: accelerate launch", shlex.join(command[3:]), flush=True)

@@ -54,8 +54,10 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E40
 from tqdm.auto import tqdm  # noqa: E402
 
 import pipelines.tlora as tl  # noqa: E402  (also gives the supported pipelines load_tlora_weights)
-from scripts.arguments import positive_int  # noqa: E402
+from scripts.arguments import finite_float, output_folder, path_text, positive_int  # noqa: E402
+from pipelines.tlora.convert import refuse_both_layouts  # noqa: E402
 from pipelines.tlora.file_format import METADATA_KEY, read_safetensors, write_atomically  # noqa: E402
+from pipelines.tlora.limits import load_json, quote  # noqa: E402
 from training.errors import InputError  # noqa: E402
 from training.images import image_files, open_image  # noqa: E402
 from scripts.eval_metrics import (  # noqa: E402
@@ -114,9 +116,27 @@ class EvalPrompt:
     num_images: int
 
 
+def read_json(path: Path, what: str):
+    """A JSON file of this script's inputs or outputs, size and nesting bounded; `EvaluationError` naming it."""
+    try:
+        return load_json(path.read_text(encoding="utf-8"), f"{what} {path}")
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvaluationError(f"cannot read {what} {path}: {error}") from None
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
+
+
+def write_json(path: Path, data) -> None:
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False)  # a bare NaN is not JSON: other readers reject it
+    except ValueError:
+        raise EvaluationError(f"{path}: a value to write is NaN or infinite; nothing was written") from None
+    write_text(path, text + "\n")
+
+
 def _check_template(template, where: str) -> None:
     if not isinstance(template, str) or template.count(PLACEHOLDER) != 1:
-        raise EvaluationError(f"{where}: {template!r} must be a string with exactly one '{{}}' for the concept")
+        raise EvaluationError(f"{where}: {quote(template)} must be a string with exactly one '{{}}' for the concept")
 
 
 def _prompt_lists(data: dict) -> dict[str, list]:
@@ -128,21 +148,18 @@ def read_prompt_file(path: Path, list_name: str | None) -> PromptSet:
 
     The last `num_complex` templates of a list (default 0) are the complex prompts, the rest contextual.
     """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise EvaluationError(f"cannot read the prompt file {path}: {error}") from None
+    data = read_json(path, "the prompt file")
     lists = _prompt_lists(data) if isinstance(data, dict) else {}
     if not lists:
         raise EvaluationError(f"{path} holds no prompt list (expected a JSON object with lists of prompts)")
     if list_name is None:
         if len(lists) > 1:
             raise EvaluationError(
-                f"{path} holds several prompt lists ({', '.join(lists)}); pick one with --prompt_list"
+                f"{path} holds several prompt lists ({', '.join(map(quote, lists))}); pick one with --prompt_list"
             )
         list_name = next(iter(lists))
     if list_name not in lists:
-        raise EvaluationError(f"{path} has no prompt list {list_name!r}; it has: {', '.join(lists)}")
+        raise EvaluationError(f"{path} has no prompt list {quote(list_name)}; it has: {', '.join(map(quote, lists))}")
     templates = lists[list_name]
     if not templates:
         raise EvaluationError(f"{path}: the prompt list {list_name!r} is empty")
@@ -154,7 +171,9 @@ def read_prompt_file(path: Path, list_name: str | None) -> PromptSet:
     _check_template(base, f"{path}, base_prompt")
     num_complex = data.get("num_complex", 0)
     if not isinstance(num_complex, int) or isinstance(num_complex, bool) or not 0 <= num_complex <= len(templates):
-        raise EvaluationError(f"{path}: num_complex must be an integer from 0 to {len(templates)}, got {num_complex!r}")
+        raise EvaluationError(
+            f"{path}: num_complex must be an integer from 0 to {len(templates)}, got {quote(num_complex)}"
+        )
     split = len(templates) - num_complex
     return PromptSet(list_name, path, base, tuple(templates[:split]), tuple(templates[split:]))
 
@@ -165,7 +184,7 @@ def paper_prompt_lists() -> list[str]:
 
 def load_prompt_set(spec: str, list_name: str | None) -> PromptSet:
     """`spec` is a list of the paper's prompt file (live, object) or the path of a prompt file."""
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_file():
         return read_prompt_file(path, list_name)
     paper_lists = paper_prompt_lists()
@@ -276,6 +295,10 @@ def find_weight_file(path: Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
+        try:
+            refuse_both_layouts(path)
+        except ValueError as error:
+            raise EvaluationError(f"--adapter: {error}") from None
         for name in (tl.WEIGHT_NAME, LORA_WEIGHT_NAME):
             if (path / name).is_file():
                 return path / name
@@ -303,16 +326,18 @@ def read_adapter_kind(path: Path) -> tuple[str, dict | None]:
 def parse_adapter(value: str) -> AdapterSpec:
     """`PATH`, `NAME=PATH`, `none` or `NAME=none` (a path containing '=' is taken whole if it exists)."""
     name, source = None, value
-    if "=" in value and not Path(value).exists():
+    if "=" in value and not Path(value).expanduser().exists():
         name, source = value.split("=", 1)
         if not ADAPTER_NAME_PATTERN.fullmatch(name):
             raise EvaluationError(
                 f"--adapter {value}: the name {name!r} may use letters, digits, '.', '_' and '-' only "
                 "(it names the output folder)"
             )
+    if not source.strip():  # never read as the current folder
+        raise EvaluationError(f"--adapter {value!r}: no path given (an unset shell variable?)")
     if source.lower() == BASE_MODEL:
         return AdapterSpec(name or "base", "base", None)
-    weight_file = find_weight_file(Path(source))
+    weight_file = find_weight_file(Path(source).expanduser())
     if name is None:
         standard_name = weight_file.name in (tl.WEIGHT_NAME, LORA_WEIGHT_NAME)
         name = slugify(weight_file.parent.name if standard_name else weight_file.stem) or "adapter"
@@ -445,10 +470,11 @@ def check_settings_match(adapter_dir: Path, settings: dict) -> None:
     path = adapter_dir / SETTINGS_FILE
     if not path.is_file():
         return
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise EvaluationError(f"cannot read {path}: {error}") from None
+    previous = read_json(path, "the generation settings")
+    if not isinstance(previous, dict):
+        raise EvaluationError(
+            f"{path} is not a settings file of this script; move it away or use another --output_dir"
+        )
     changed = [key for key in settings if previous.get(key) != settings[key]]
     if changed:
         details = "; ".join(f"{key}: {previous.get(key)!r} then, {settings[key]!r} now" for key in changed)
@@ -554,7 +580,7 @@ def generate_all(args, adapters: list[AdapterSpec], plan: list[EvalPrompt], outp
     pipe = load_pipeline(args)
     check_adapters_load(pipe, [adapter for adapter, *_ in work], args.pretrained_model_name_or_path)
     for adapter, adapter_dir, settings, missing in work:
-        write_text(adapter_dir / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        write_json(adapter_dir / SETTINGS_FILE, settings)
         load_adapter(pipe, adapter)
         try:
             generate_missing(pipe, adapter_dir, missing, args)
@@ -727,7 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and text alignment (TS) as in the T-LoRA paper.",
     )
     parser.add_argument(
-        "--pretrained_model_name_or_path", required=True, help="base model, SD-XL or FLUX.1 (Hub id or folder)"
+        "--pretrained_model_name_or_path",
+        type=path_text,
+        required=True,
+        help="base model, SD-XL or FLUX.1 (Hub id or folder)",
     )
     parser.add_argument(
         "--adapter",
@@ -738,9 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"'{BASE_MODEL}' evaluates the base model. NAME (default: the folder or file name) names the row "
         "and the output folder",
     )
-    parser.add_argument("--real_images", nargs="+", required=True, help="the concept's real images: files or folders")
+    parser.add_argument(
+        "--real_images", type=path_text, nargs="+", required=True, help="the concept's real images: files or folders"
+    )
     parser.add_argument(
         "--masks",
+        type=path_text,
         help="folder with one mask per real image (same file stem): white = concept, kept; black = background, "
         f"painted grey {MASK_FILL} before the real images are embedded",
     )
@@ -770,17 +802,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--guidance_scale",
-        type=float,
+        type=finite_float,
         help="classifier-free guidance; FLUX.1-dev: the guidance embedding (default: SD-XL 5.0, FLUX.1 3.5)",
     )
     parser.add_argument("--resolution", type=positive_int, help="image width and height (default 1024)")
     parser.add_argument("--batch_size", type=positive_int, default=1, help="images per pipeline call (default 1)")
-    parser.add_argument("--output_dir", required=True, help="where images, metrics and contact sheets go")
     parser.add_argument(
-        "--clip_model", default="openai/clip-vit-base-patch32", help="CLIP model for IS and TS (default %(default)s)"
+        "--output_dir", type=output_folder, required=True, help="where images, metrics and contact sheets go"
     )
     parser.add_argument(
-        "--dino_model", default="facebook/dino-vits16", help="ViT model for DINO-IS, CLS token (default %(default)s)"
+        "--clip_model",
+        type=path_text,
+        default="openai/clip-vit-base-patch32",
+        help="CLIP model for IS and TS (default %(default)s)",
+    )
+    parser.add_argument(
+        "--dino_model",
+        type=path_text,
+        default="facebook/dino-vits16",
+        help="ViT model for DINO-IS, CLS token (default %(default)s)",
     )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -812,6 +852,58 @@ def resolve_args(args) -> None:
         args.dtype = "float16" if device.type == "cuda" else "float32"
 
 
+def table_settings(args, prompt_set: PromptSet, real_images) -> dict:
+    """Everything that makes the scores of two rows comparable."""
+    settings = {
+        key: getattr(args, key)
+        for key in (
+            "pretrained_model_name_or_path", "model_family", "concept", "class_word", "images_per_prompt",
+            "base_prompt_images", "max_prompts", "seed", "num_inference_steps", "guidance_scale", "resolution",
+            "dtype", "device", "clip_model", "dino_model", "masks",
+        )
+    }  # fmt: skip
+    settings |= {
+        "prompts": prompt_set.name,
+        "prompt_file": str(prompt_set.source),
+        "base_prompt": prompt_set.base,
+        "real_images": [str(path) for path, _ in real_images],
+        "mask_fill": list(MASK_FILL) if args.masks else None,
+    }
+    return settings
+
+
+def _is_metrics_file(data) -> bool:
+    def is_row(row):
+        if not isinstance(row, dict) or "kind" not in row or not isinstance(row.get("counts"), dict):
+            return False
+        return all(row.get(key) is None or isinstance(row[key], (int, float)) for key in METRIC_KEYS)
+
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+        return False
+    return isinstance(data.get("adapters"), dict) and all(is_row(row) for row in data["adapters"].values())
+
+
+def rows_to_keep(path: Path, settings: dict, evaluated: list[str]) -> dict:
+    """The rows of an earlier metrics.json for adapters not evaluated now, so that a rerun with fewer adapters
+    adds to the table instead of dropping rows. Rows scored with other settings would not compare with the new
+    ones: that is refused, before anything is generated."""
+    if not path.is_file():
+        return {}
+    earlier = read_json(path, "the earlier results")
+    if not _is_metrics_file(earlier):
+        raise EvaluationError(f"{path} is not a metrics file of this script; move it away or use another --output_dir")
+    kept = {name: row for name, row in earlier["adapters"].items() if name not in evaluated}
+    then = earlier["settings"]
+    changed = [key for key in settings if then.get(key) != settings[key]]
+    if kept and changed:
+        details = "; ".join(f"{key}: {quote(then.get(key))} then, {quote(settings[key])} now" for key in changed)
+        raise EvaluationError(
+            f"{path} holds results for {', '.join(kept)} scored with other settings ({details}). Evaluate them "
+            "again with the new settings (add their --adapter), use another --output_dir, or delete the file."
+        )
+    return kept
+
+
 def run(args) -> dict:
     """Generate what is missing, score every adapter and write the reports; returns the metrics."""
     resolve_args(args)
@@ -823,6 +915,8 @@ def run(args) -> dict:
     # Loaded before generating, so a wrong --clip_model / --dino_model fails in seconds, not hours.
     clip, dino = load_embedders(args)
     output_dir = Path(args.output_dir)
+    settings = table_settings(args, prompt_set, real_images)
+    earlier_rows = rows_to_keep(output_dir / "metrics.json", settings, [adapter.name for adapter in adapters])
 
     generate_all(args, adapters, plan, output_dir)
 
@@ -850,23 +944,8 @@ def run(args) -> dict:
             "contact_sheet": str(sheet),
         }
 
-    settings = {
-        key: getattr(args, key)
-        for key in (
-            "pretrained_model_name_or_path", "model_family", "concept", "class_word", "images_per_prompt",
-            "base_prompt_images", "max_prompts", "seed", "num_inference_steps", "guidance_scale", "resolution",
-            "dtype", "device", "clip_model", "dino_model", "masks",
-        )
-    }  # fmt: skip
-    settings |= {
-        "prompts": prompt_set.name,
-        "prompt_file": str(prompt_set.source),
-        "base_prompt": prompt_set.base,
-        "real_images": [str(path) for path, _ in real_images],
-        "mask_fill": list(MASK_FILL) if args.masks else None,
-    }
-    metrics = {"settings": settings, "adapters": results}
-    write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    metrics = {"settings": settings, "adapters": {**results, **earlier_rows}}
+    write_json(output_dir / "metrics.json", metrics)
     markdown = metrics_markdown(metrics)
     write_text(output_dir / "metrics.md", markdown)
     print(markdown)

@@ -8,6 +8,9 @@ the package, and serves as the reference for the imported adapters.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -685,3 +688,45 @@ def test_export_lora_rejects_bad_ranks_and_timesteps(attention_shapes, tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         main(["export-lora", str(ours), str(tmp_path / "a"), "--rank", "2", "--timestep", "5"])
     assert exit_info.value.code == 2
+
+
+def test_outputs_get_the_usual_modes(attention_shapes, tmp_path, capsys):
+    previous = os.umask(0o022)
+    try:
+        ours = import_checkpoint(tmp_path, attention_shapes, "vanilla", capsys)
+        stale = tmp_path / ".official.0a1b2c.tmp"  # a staging folder a killed export left behind
+        stale.mkdir()
+        assert run_cli(capsys, "export-official", ours, tmp_path / "official")[0] == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((ours / tl.WEIGHT_NAME).stat().st_mode) == 0o644
+    for path in (tmp_path / "official", tmp_path / "official" / "logs"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755, path
+    assert stat.S_IMODE((tmp_path / "official" / "logs" / "hparams.yml").stat().st_mode) == 0o644
+    assert not stale.exists()
+
+
+def test_a_folder_with_both_layouts_is_refused_naming_both(attention_shapes, tmp_path, capsys):
+    ours = import_checkpoint(tmp_path, attention_shapes, "vanilla", capsys)
+    checkpoint = tmp_path / "run-vanilla" / "checkpoint-100"
+    shutil.copy(ours / tl.WEIGHT_NAME, checkpoint / tl.WEIGHT_NAME)
+    commands = (["inspect"], ["export-lora", tmp_path / "x"], ["import-official", tmp_path / "y"])
+    for command in ([name, checkpoint, *rest] for name, *rest in commands):
+        assert_refused(
+            capsys, *command, match="holds both pytorch_tlora_weights.safetensors (this package's T-LoRA) and "
+            "pytorch_lora_weights.safetensors"
+        )
+    assert run_cli(capsys, "inspect", checkpoint / tl.WEIGHT_NAME)[0] == 0
+
+
+def test_paths_may_start_with_a_tilde_and_never_be_empty(attention_shapes, tmp_path, capsys, monkeypatch):
+    ours = import_checkpoint(tmp_path, attention_shapes, "vanilla", capsys)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_cli(capsys, "export-lora", f"~/{ours.name}", "~/lora-out")[0] == 0
+    assert len(list((tmp_path / "lora-out").glob("*.safetensors"))) == 1
+    for argv in (["inspect", ""], ["export-lora", ours, ""]):
+        with pytest.raises(SystemExit) as stopped:
+            main([str(part) for part in argv])
+        assert stopped.value.code == 2
+        assert "must not be empty" in capsys.readouterr().err
+

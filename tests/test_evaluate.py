@@ -344,6 +344,32 @@ def test_rerun_with_other_settings_refuses_to_mix_images(evaluation, capsys):
     assert "other settings" in err and "'sks dog' then, 'sks cat' now" in err
 
 
+def without_adapter(argv: list[str], adapter: str) -> list[str]:
+    at = argv.index(adapter)
+    return argv[: at - 1] + argv[at + 1 :]
+
+
+def test_rerun_with_fewer_adapters_keeps_the_earlier_rows(evaluation):
+    argv, output_dir = evaluation
+    before = json.loads((output_dir / "metrics.json").read_text())
+    assert evaluate.main(without_adapter(argv, argv[argv.index("--adapter", argv.index("--adapter") + 1) + 1])) == 0
+    after = json.loads((output_dir / "metrics.json").read_text())
+    assert list(after["adapters"]) == ["tlora", "dog-lora"]
+    assert after["adapters"]["dog-lora"] == before["adapters"]["dog-lora"]
+    assert "| dog-lora | lora |" in (output_dir / "metrics.md").read_text()
+
+
+def test_rerun_with_fewer_adapters_and_other_settings_is_refused_before_generating(evaluation, capsys):
+    argv, output_dir = evaluation
+    argv = without_adapter(argv, argv[argv.index("--adapter", argv.index("--adapter") + 1) + 1])
+    masks = argv.index("--masks")
+    argv = argv[:masks] + argv[masks + 2 :]  # without masks, IS changes
+    before = (output_dir / "metrics.json").read_bytes()
+    err = run_cli_error(argv, capsys)
+    assert "metrics.json holds results for dog-lora scored with other settings (masks: " in err
+    assert (output_dir / "metrics.json").read_bytes() == before
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
@@ -373,6 +399,66 @@ def test_bad_inputs_are_clear_errors(
     for flag, value in change.items():
         argv[argv.index(flag) + 1] = value
     assert message in run_cli_error(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--guidance_scale", "nan", "argument --guidance_scale: must be a finite number, got 'nan'"),
+        ("--guidance_scale", "inf", "argument --guidance_scale: must be a finite number, got 'inf'"),
+        ("--output_dir", "", "argument --output_dir: must not be empty"),
+        ("--output_dir", "{file}/sub", "argument --output_dir: {file} is a file, so {file}/sub cannot be a folder"),
+        ("--output_dir", "{file}", "argument --output_dir: {file} is a file"),
+        ("--real_images", "", "argument --real_images: must not be empty"),
+        ("--pretrained_model_name_or_path", " ", "argument --pretrained_model_name_or_path: must not be empty"),
+    ],
+)
+def test_bad_flag_values_stop_at_parsing(flag, value, message, tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    argv = ["--pretrained_model_name_or_path", "m", "--adapter", "none", "--real_images", "r", "--concept", CONCEPT]
+    argv += ["--output_dir", str(tmp_path / "out"), "--guidance_scale", "5"]
+    argv[argv.index(flag) + 1] = value.format(file=file)
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.build_parser().parse_args(argv)
+    assert stopped.value.code == 2
+    assert message.format(file=file) in capsys.readouterr().err
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("value", ["x=", "x= ", ""])
+def test_an_empty_adapter_path_is_never_the_current_folder(value, tmp_path, monkeypatch, adapter_files):
+    monkeypatch.chdir(adapter_files["tlora"].parent)  # a folder that does hold an adapter
+    with pytest.raises(evaluate.EvaluationError, match="no path given"):
+        evaluate.parse_adapter(value)
+
+
+def test_paths_starting_with_a_tilde_are_expanded(adapter_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(adapter_files["tlora"].parent.parent))
+    adapter = evaluate.parse_adapter("mine=~/dog-tlora")
+    assert (adapter.name, adapter.path) == ("mine", adapter_files["tlora"])
+    argv = ["--pretrained_model_name_or_path", "~/m", "--adapter", "none", "--real_images", "~/r", "--concept", "a b"]
+    args = evaluate.build_parser().parse_args([*argv, "--output_dir", "~/out", "--masks", "~/masks"])
+    home = str(adapter_files["tlora"].parent.parent)
+    assert (args.output_dir, args.real_images, args.masks) == (f"{home}/out", [f"{home}/r"], f"{home}/masks")
+    assert args.pretrained_model_name_or_path == f"{home}/m"
+
+
+def test_a_folder_with_two_kinds_of_weights_is_refused(adapter_files, tmp_path):
+    folder = tmp_path / "both"
+    folder.mkdir()
+    for source in (adapter_files["tlora"], adapter_files["lora"]):
+        (folder / source.name).write_bytes(source.read_bytes())
+    with pytest.raises(evaluate.EvaluationError, match="holds both pytorch_tlora_weights.safetensors .* and "
+                       "pytorch_lora_weights.safetensors"):
+        evaluate.parse_adapter(str(folder))
+    assert evaluate.parse_adapter(str(folder / "pytorch_lora_weights.safetensors")).kind == "lora"
+
+
+def test_results_with_nan_are_never_written_as_bare_nan(tmp_path):
+    with pytest.raises(evaluate.EvaluationError, match="NaN or infinite; nothing was written"):
+        evaluate.write_json(tmp_path / "metrics.json", {"adapters": {"a": {"IS": float("nan")}}})
+    assert not list(tmp_path.iterdir())
 
 
 def test_command_line_exit_code_and_message(tmp_path):

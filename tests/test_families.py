@@ -17,7 +17,7 @@ from torch import nn
 import pipelines.tlora as tl
 from pipelines.tlora.file_format import TLoraFileError, read_safetensors
 from pipelines.tlora.injection import TLoraInjectionError, get_router
-from tests.tlora_testing import add_random_tlora, flux_inputs, generate, perturb_adapters
+from tests.tlora_testing import add_random_tlora, flux_inputs, generate
 from training.quantization import quantize_linear_layers
 
 FLUX_DOUBLE = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")

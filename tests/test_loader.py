@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -257,6 +259,13 @@ def _no_metadata(tensors, config):
     return {"format": "pt"}
 
 
+def _raw_config(text):
+    def change(tensors, config):
+        return {"tlora_config": text}
+
+    return change
+
+
 @pytest.mark.parametrize(
     "change,error,message",
     [
@@ -264,13 +273,26 @@ def _no_metadata(tensors, config):
         (_inf, tl.TLoraFileError, "contains NaN or Inf"),
         (_shape, tl.TLoraFileError, r"Shape mismatch for '.*attn1.to_q.tlora.down': the file has \(16, 96\), .* \(16, 64\)"),
         (_missing, tl.TLoraFileError, r"Missing keys for module .*attn1.to_q.*tlora.up_base"),
-        (_unexpected, tl.TLoraFileError, "Unexpected key .*tlora.scale"),
+        (_unexpected, tl.TLoraFileError, "unknown T-LoRA parameter 'scale': a 'ortho' adapter has down, up, lambda"),
         (_unknown_module, tl.TLoraFileError, "not a linear projection of this UNet"),
         (_set(format_version=99), tl.TLoraFileError, "Unsupported T-LoRA format_version 99"),
         (_set(min_rank=32), tl.TLoraFileError, r"`min_rank` \(32\) must not exceed `rank` \(16\)"),
-        (_set(rank=0), tl.TLoraFileError, "`rank` must be an integer >= 1"),
+        (_set(rank=0), tl.TLoraFileError, "`rank` must be an integer from 1 to 65536, got 0"),
         (_set(schedule_exponent=-2), tl.TLoraFileError, "schedule_exponent"),
         (_no_metadata, tl.TLoraFileError, "no `tlora_config` metadata"),
+        # claimed sizes and numbers bounded before anything is allocated or computed
+        (_set(rank=10**12, min_rank=8), tl.TLoraFileError, "`rank` must be an integer from 1 to 65536, got 10{12}"),
+        (_set(rank=16.0), tl.TLoraFileError, "`rank` must be an integer"),
+        (_set(lora_alpha=-1), tl.TLoraFileError, "`lora_alpha` .* must be a finite number > 0, got -1"),
+        (_raw_config('{"format_version": 1, "rank": 16, "schedule_exponent": NaN}'), tl.TLoraFileError, "holds NaN"),
+        (_raw_config('{"format_version": 1, "lora_alpha": Infinity}'), tl.TLoraFileError, "holds Infinity"),
+        (_set(schedule_exponent=1e400), tl.TLoraFileError, "holds Infinity"),  # json.dumps writes inf as Infinity
+        (_raw_config("[" * 100_000), tl.TLoraFileError, "nests deeper than 32 levels"),
+        (_raw_config('{"x": "' + "[" * 100_000 + '"'), tl.TLoraFileError, "not valid JSON"),  # brackets in a string
+        (_raw_config(json.dumps([1, 2])), tl.TLoraFileError, "must be a JSON object, got list"),
+        (_set(target_modules="to_q"), tl.TLoraFileError, "`target_modules` must be a non-empty list"),
+        (_set(init=["random-last"]), tl.TLoraFileError, "`init` must be a string"),
+        (_set(variant="x" * 10**6), tl.TLoraFileError, r"`variant` must be one of .*'x{100,240}\.\.\.x{100,240}'\. "),
     ],
 )
 def test_bad_files_leave_the_pipeline_as_it_was(tiny_pipe, saved_adapter, tmp_path, change, error, message):
@@ -282,6 +304,48 @@ def test_bad_files_leave_the_pipeline_as_it_was(tiny_pipe, saved_adapter, tmp_pa
     after = tl.get_tlora_state_dict(tiny_pipe)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert list(loader.get_router(tiny_pipe.unet).configs) == ["default"]
+
+
+def test_a_rank_wider_than_the_model_is_refused_before_any_mask_is_built(tiny_pipe, tmp_path):
+    # Layers store min(rank, in, out) components, so a rank-64 adapter of this 64-wide model has the tensors of
+    # any larger rank; only the claimed rank, which would size the masks, tells them apart.
+    config = add_random_tlora(tiny_pipe.unet, rank=64, min_rank=8)
+    tiny_pipe.save_tlora_weights(tmp_path / "adapter", tl.get_tlora_state_dict(tiny_pipe), config)
+    tiny_pipe.unload_tlora_weights()
+    wide = corrupt(tmp_path / "adapter", tmp_path, _set(rank=65536))
+    with pytest.raises(tl.TLoraInjectionError, match=r"Rank 65536 is larger than any adapted projection can hold"):
+        tiny_pipe.load_tlora_weights(wide)
+    assert loader.get_router(tiny_pipe.unet) is None
+    with pytest.raises(tl.TLoraInjectionError, match=r"the widest allows rank 64\)"):
+        tl.inject_tlora(tiny_pipe.unet, tl.TLoraConfig(rank=65, min_rank=1))
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, "2", None])
+def test_set_tlora_scale_refuses_what_is_not_a_finite_number(tiny_pipe, scale):
+    add_random_tlora(tiny_pipe.unet)
+    with pytest.raises(ValueError, match="The T-LoRA scale must be a finite number"):
+        tiny_pipe.set_tlora_scale(scale)
+    assert loader.get_router(tiny_pipe.unet).scales == {"default": 1.0}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_usual_modes_and_stale_temporaries_go(tiny_pipe, tmp_path, umask):
+    config = add_random_tlora(tiny_pipe.unet)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    stale = folder / f".{tl.WEIGHT_NAME}.k1ll3d.tmp"  # what a killed save leaves behind
+    stale.write_bytes(b"partial")
+    unrelated = [folder / f".{tl.WEIGHT_NAME}.notes", folder / ".other.safetensors.k1ll3d.tmp"]
+    for path in unrelated:
+        path.write_text("mine")
+    previous = os.umask(umask)
+    try:
+        path = tiny_pipe.save_tlora_weights(folder, tl.get_tlora_state_dict(tiny_pipe), config)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert not stale.exists() and all(path.read_text() == "mine" for path in unrelated)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([tl.WEIGHT_NAME, *(p.name for p in unrelated)])
 
 
 def test_standard_lora_and_authors_files_point_elsewhere(tiny_pipe, tmp_path):

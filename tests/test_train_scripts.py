@@ -8,6 +8,7 @@ runs are the slow part of the suite (`make test-fast` leaves them out).
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import signal
@@ -192,7 +193,49 @@ BAD_COMMAND_LINES = {
     "no data": ([], "--instance_data_dir and --dataset_name"),
     "min_rank above rank": ([*DATA, "--rank", "8", "--min_rank", "9"], "--min_rank (9) must not exceed --rank (8)"),
     "resolution not divisible by 8": ([*DATA, "--resolution", "100"], "--resolution must be divisible by 8"),
-    "output_dir is a file": ([*DATA, "--output_dir", "{file}"], "--output_dir {file} is a file"),
+    "output_dir is a file": ([*DATA, "--output_dir", "{file}"], "argument --output_dir: {file} is a file"),
+    "output_dir below a file": ([*DATA, "--output_dir", "{file}/out"], "argument --output_dir: {file} is a file, so"),
+    "output_dir empty": ([*DATA, "--output_dir", ""], "argument --output_dir: must not be empty"),
+    "instance_data_dir empty": (["--instance_data_dir", ""], "argument --instance_data_dir: must not be empty"),
+    "logging_dir below a file": ([*DATA, "--output_dir", "{tmp}", "--logging_dir", "a_file/logs"], "--logging_dir"),
+    "model folder missing": (
+        [*DATA, "--pretrained_model_name_or_path", "{tmp}/no-model"],
+        "--pretrained_model_name_or_path {tmp}/no-model: no such folder",
+    ),
+    "model folder not a pipeline": (
+        [*DATA, "--pretrained_model_name_or_path", "{empty}"],
+        "not a diffusers pipeline folder (no readable model_index.json",
+    ),
+    "model folder of a family no script trains": (
+        [*DATA, "--pretrained_model_name_or_path", "{sd_model}"],
+        "is a Stable Diffusion 1.x/2.x model (StableDiffusionPipeline), not",
+    ),
+    "model folder of no family": (
+        [*DATA, "--pretrained_model_name_or_path", "{kandinsky_model}"],
+        "holds a KandinskyPipeline, not a",
+    ),
+    "target module with a space": ([*DATA, "--target_modules", "to_q to_k"], "--target_modules 'to_q to_k'"),
+    "target module with a trailing dot": ([*DATA, "--target_modules", "to_q."], "--target_modules 'to_q.'"),
+    "rank of 10**12": ([*DATA, "--rank", "1000000000000"], "argument --rank: must be an integer from 1 to 65536"),
+    "rank as 1e12": ([*DATA, "--rank", "1e12"], "argument --rank: must be an integer from 1 to 65536, got '1e12'"),
+    "repeats of 10**9": ([*DATA, "--repeats", "1000000000"], "argument --repeats: must be an integer from 1 to 10000"),
+    "learning rate inf": ([*DATA, "--learning_rate", "inf"], "argument --learning_rate: must be a finite number > 0"),
+    "learning rate nan": ([*DATA, "--learning_rate", "nan"], "argument --learning_rate: must be a finite number > 0"),
+    "learning rate 0": ([*DATA, "--learning_rate", "0"], "argument --learning_rate: must be a finite number > 0"),
+    "max_grad_norm nan": ([*DATA, "--max_grad_norm", "nan"], "argument --max_grad_norm: must be a finite number > 0"),
+    "max_grad_norm negative": ([*DATA, "--max_grad_norm=-1"], "argument --max_grad_norm: must be a finite number > 0"),
+    "prior weight nan": ([*DATA, "--prior_loss_weight", "nan"], "argument --prior_loss_weight: must be a finite"),
+    "beta1 of 1": ([*DATA, "--adam_beta1", "1"], "argument --adam_beta1: must be a finite number >= 0 and < 1"),
+    "beta2 negative": ([*DATA, "--adam_beta2=-0.1"], "argument --adam_beta2: must be a finite number >= 0 and < 1"),
+    "epsilon 0": ([*DATA, "--adam_epsilon", "0"], "argument --adam_epsilon: must be a finite number > 0"),
+    "weight decay inf": ([*DATA, "--adam_weight_decay", "inf"], "argument --adam_weight_decay: must be a finite"),
+    "schedule exponent negative": ([*DATA, "--rank_schedule_exponent=-1"], "argument --rank_schedule_exponent"),
+    "lora_alpha nan": ([*DATA, "--lora_alpha", "nan"], "argument --lora_alpha: must be a finite number > 0"),
+    "lr_power inf": ([*DATA, "--lr_power", "inf"], "argument --lr_power: must be a finite number > 0"),
+    "checkpoint without optimizer state": (
+        [*DATA, "--resume_from_checkpoint", "{no_optimizer}"],
+        "checkpoint-3 has no optimizer.bin (the optimizer state)",
+    ),
     "missing checkpoint": (
         [*DATA, "--output_dir", "{tmp}", "--resume_from_checkpoint", "checkpoint-7"],
         "--resume_from_checkpoint checkpoint-7 does not exist",
@@ -221,6 +264,8 @@ BAD_COMMAND_LINES = {
 }
 FAMILY_BAD_COMMAND_LINES = {
     "sdxl": {
+        "snr_gamma negative": ([*DATA, "--snr_gamma=-1"], "argument --snr_gamma: must be a finite number > 0"),
+        "guidance nan": ([*DATA, "--guidance_scale", "nan"], "argument --guidance_scale: must be a finite number >= 0"),
         "xformers without xformers": (
             [*DATA, "--enable_xformers_memory_efficient_attention"],
             "--enable_xformers_memory_efficient_attention needs xformers",
@@ -282,12 +327,21 @@ def test_bad_command_lines_are_refused_naming_the_flag(family, case, tmp_path, c
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     (tmp_path / "a_file").write_text("")
+    for name, pipeline_class in (("sd", "StableDiffusionPipeline"), ("kandinsky", "KandinskyPipeline")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    no_optimizer = tmp_path / "run" / "checkpoint-3"
+    no_optimizer.mkdir(parents=True)
+    (no_optimizer / tl.WEIGHT_NAME).write_bytes(b"")
     argv, message = {**BAD_COMMAND_LINES, **FAMILY_BAD_COMMAND_LINES[family]}[case]
     places = {
         "examples": REPO_ROOT / "examples",
         "empty": tmp_path / "empty",
         "file": tmp_path / "a_file",
         "tmp": tmp_path,
+        "sd_model": tmp_path / "sd",
+        "kandinsky_model": tmp_path / "kandinsky",
+        "no_optimizer": no_optimizer,
     }
     for other in ("sdxl", "flux"):
         if any(f"{{{other}}}" in part for part in argv):

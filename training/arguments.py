@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from accelerate.utils import is_wandb_available
 from huggingface_hub import get_token, hf_hub_download
 
 from pipelines.tlora.families import FAMILIES, ModelFamily
-from scripts.arguments import non_negative_int, positive_int
+from pipelines.tlora.limits import MAX_RANK
+from scripts.arguments import bounded_float, bounded_int, non_negative_int, output_folder, path_text, positive_int
 
 from .checkpoints import explicit_checkpoint
 from .data import DATASETS_MISSING, instance_image_files
@@ -25,6 +27,12 @@ from .errors import InputError
 
 # The script that trains each family, for the message when a model is given to the wrong one.
 TRAINING_SCRIPTS = {"sdxl": "train_tlora_sdxl.py", "flux": "train_tlora_flux.py"}
+
+
+TARGET_MODULE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+# Each image appears `repeats` times in every pass over the data, whose order is a permutation of that length.
+MAX_REPEATS = 10_000
+BETA = bounded_float(0, 1, high_open=True)  # Adam's moment decay rates: 1 would never forget, above 1 diverges
 
 
 def build_parser(description: str, family: ModelFamily) -> tuple[argparse.ArgumentParser, dict]:
@@ -59,7 +67,7 @@ def build_parser(description: str, family: ModelFamily) -> tuple[argparse.Argume
 def _add_model_arguments(model, family: ModelFamily) -> None:
     model.add_argument(
         "--pretrained_model_name_or_path",
-        type=str,
+        type=path_text,
         required=True,
         help=f"{family.display_name} base model: a Hub model id (e.g. {family.base_model}) or a local "
         "`save_pretrained` folder.",
@@ -70,7 +78,7 @@ def _add_model_arguments(model, family: ModelFamily) -> None:
 
 def _add_data_arguments(data) -> None:
     data.add_argument(
-        "--instance_data_dir", type=str, default=None, help="A folder of concept images, or a single image file."
+        "--instance_data_dir", type=path_text, default=None, help="A folder of concept images, or a single image file."
     )
     data.add_argument(
         "--instance_prompt", type=str, required=True, help='Prompt naming the concept, e.g. "a photo of sks dog".'
@@ -91,7 +99,7 @@ def _add_data_arguments(data) -> None:
         default=None,
         help="Caption column of --dataset_name; without it every image uses --instance_prompt.",
     )
-    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are stored.")
+    data.add_argument("--cache_dir", type=path_text, default=None, help="Where downloaded datasets are stored.")
     data.add_argument(
         "--resolution",
         type=positive_int,
@@ -106,7 +114,10 @@ def _add_data_arguments(data) -> None:
     )
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     data.add_argument(
-        "--repeats", type=positive_int, default=1, help="How many times each instance image appears per pass."
+        "--repeats",
+        type=bounded_int(1, MAX_REPEATS),
+        default=1,
+        help="How many times each instance image appears per pass.",
     )
 
 
@@ -114,7 +125,7 @@ def _add_prior_arguments(prior) -> None:
     prior.add_argument("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss.")
     prior.add_argument(
         "--class_data_dir",
-        type=str,
+        type=path_text,
         default=None,
         help="Folder of class images; missing ones (up to --num_class_images) are generated with the base model.",
     )
@@ -124,7 +135,9 @@ def _add_prior_arguments(prior) -> None:
     prior.add_argument(
         "--num_class_images", type=positive_int, default=100, help="Number of class images to train with."
     )
-    prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    prior.add_argument(
+        "--prior_loss_weight", type=bounded_float(0), default=1.0, help="Weight of the prior-preservation loss."
+    )
     prior.add_argument(
         "--sample_batch_size", type=positive_int, default=4, help="Batch size for generating class images."
     )
@@ -155,16 +168,21 @@ def _add_validation_arguments(validation) -> None:
 
 def _add_tlora_arguments(tlora, family: ModelFamily) -> None:
     tlora.add_argument(
-        "--rank", type=positive_int, default=64, help="Maximum rank R, the rank at timestep 0 (default: %(default)s)."
+        "--rank",
+        type=bounded_int(1, MAX_RANK),
+        default=64,
+        help="Maximum rank R, the rank at timestep 0 (default: %(default)s).",
     )
     tlora.add_argument(
         "--min_rank",
-        type=positive_int,
+        type=bounded_int(1, MAX_RANK),
         default=None,
         help="Rank at the highest noise level (default: %(default)s; None: rank // 2). Equal to --rank: unmasked "
         "LoRA / Ortho-LoRA.",
     )
-    tlora.add_argument("--rank_schedule_exponent", type=float, default=1.0, help="Exponent of the rank schedule.")
+    tlora.add_argument(
+        "--rank_schedule_exponent", type=bounded_float(0), default=1.0, help="Exponent of the rank schedule."
+    )
     tlora.add_argument(
         "--tlora_variant",
         choices=["ortho", "vanilla"],
@@ -184,7 +202,10 @@ def _add_tlora_arguments(tlora, family: ModelFamily) -> None:
         help="SVD of a random matrix or of the layer's own weight (ortho only).",
     )
     tlora.add_argument(
-        "--lora_alpha", type=float, default=None, help="Scale the update by lora_alpha / rank (default: scale 1)."
+        "--lora_alpha",
+        type=bounded_float(0, low_open=True),
+        default=None,
+        help="Scale the update by lora_alpha / rank (default: scale 1).",
     )
     tlora.add_argument(
         "--target_modules",
@@ -205,7 +226,10 @@ def _add_optimization_arguments(optimization) -> None:
         "--gradient_accumulation_steps", type=positive_int, default=1, help="Batches per optimizer step."
     )
     optimization.add_argument(
-        "--learning_rate", type=float, default=1e-4, help="Learning rate after warmup (default: %(default)s)."
+        "--learning_rate",
+        type=bounded_float(0, low_open=True),
+        default=1e-4,
+        help="Learning rate after warmup (default: %(default)s).",
     )
     optimization.add_argument(
         "--lr_scheduler",
@@ -220,8 +244,12 @@ def _add_optimization_arguments(optimization) -> None:
     optimization.add_argument(
         "--lr_num_cycles", type=positive_int, default=1, help="Restarts of cosine_with_restarts."
     )
-    optimization.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    optimization.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    optimization.add_argument(
+        "--lr_power", type=bounded_float(0, low_open=True), default=1.0, help="Power of the polynomial schedule."
+    )
+    optimization.add_argument(
+        "--max_grad_norm", type=bounded_float(0, low_open=True), default=1.0, help="Gradient clipping norm."
+    )
     optimization.add_argument(
         "--optimizer",
         type=str.lower,
@@ -230,13 +258,16 @@ def _add_optimization_arguments(optimization) -> None:
         help="Optimizer (default: %(default)s).",
     )
     optimization.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
-    optimization.add_argument("--adam_beta1", type=float, default=0.9, help="Adam / Prodigy beta1.")
-    optimization.add_argument("--adam_beta2", type=float, default=0.999, help="Adam / Prodigy beta2.")
-    optimization.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam / Prodigy epsilon.")
-    optimization.add_argument("--adam_weight_decay", type=float, default=1e-04, help="Weight decay.")
+    optimization.add_argument("--adam_beta1", type=BETA, default=0.9, help="Adam / Prodigy beta1.")
+    optimization.add_argument("--adam_beta2", type=BETA, default=0.999, help="Adam / Prodigy beta2.")
+    optimization.add_argument(
+        # 0 would divide 0 by 0 for the rank components a mask keeps at zero gradient
+        "--adam_epsilon", type=bounded_float(0, low_open=True), default=1e-08, help="Adam / Prodigy epsilon."
+    )
+    optimization.add_argument("--adam_weight_decay", type=bounded_float(0), default=1e-04, help="Weight decay.")
     optimization.add_argument(
         "--prodigy_beta3",
-        type=float,
+        type=BETA,
         default=None,
         help="Prodigy's coefficient for the step size estimate (default: the square root of beta2).",
     )
@@ -272,20 +303,26 @@ def _add_checkpoint_arguments(checkpoints) -> None:
     )
     checkpoints.add_argument(
         "--resume_from_checkpoint",
-        type=str,
+        type=path_text,
         default=None,
         help='Resume from a checkpoint-N folder, or "latest" for the newest one in --output_dir (none: start fresh).',
+    )
+    checkpoints.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Train into an --output_dir that holds another run (its checkpoints are removed, its adapter and card "
+        "replaced at the end), or resume from a checkpoint that has later ones (they are removed).",
     )
 
 
 def _add_hub_arguments(hub) -> None:
     hub.add_argument(
         "--output_dir",
-        type=str,
+        type=output_folder,
         default="tlora-dreambooth-model",
         help="Folder for the adapter, checkpoints and logs.",
     )
-    hub.add_argument("--logging_dir", type=str, default="logs", help="Log folder, relative to --output_dir.")
+    hub.add_argument("--logging_dir", type=path_text, default="logs", help="Log folder, relative to --output_dir.")
     hub.add_argument(
         "--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard", help="Where to log."
     )
@@ -321,7 +358,27 @@ def _add_system_arguments(system, family: ModelFamily) -> None:
     )
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def model_folder_problem(source: str, family: ModelFamily) -> str | None:
+    """What is wrong with a base model given as a local folder, or None (a Hub id is checked when loaded)."""
+    path = Path(source)
+    if not path.exists():
+        # A Hub id is `name` or `owner/name`; anything else can only be a local path, which does not exist.
+        looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+        return "no such folder" if looks_local else None
+    index = path / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return f"not a diffusers pipeline folder (no readable {index.name}; give the folder `save_pretrained` wrote)"
+    if class_name not in family.pipeline_classes:
+        if any(class_name in other.pipeline_classes for other in FAMILIES.values()):
+            return None  # another family's model: check_model_family names the script that trains it
+        examples = ", ".join(family.pipeline_classes[:2])
+        return f"holds a {class_name}, not a {family.display_name} pipeline ({examples}, ...)"
+    return None
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, family: ModelFamily) -> None:
     """Reject bad combinations of the shared flags now, before any model is loaded; each message names the flag.
     Fills in the defaults that depend on other flags (--min_rank)."""
     fail = parser.error
@@ -340,8 +397,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.min_rank = max(1, args.rank // 2)
     if args.min_rank > args.rank:
         fail(f"--min_rank ({args.min_rank}) must not exceed --rank ({args.rank})")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        fail(f"--output_dir {args.output_dir} is a file, not a folder")
+    logging_dir = Path(args.output_dir) / args.logging_dir
+    below_a_file = next((p for p in (logging_dir, *logging_dir.parents) if p.exists() and not p.is_dir()), None)
+    if below_a_file is not None:
+        fail(f"--logging_dir {args.logging_dir}: {below_a_file} is a file, so {logging_dir} cannot be a folder")
+    malformed = [name for name in args.target_modules if not TARGET_MODULE.fullmatch(name)]
+    if malformed:
+        fail(
+            f"--target_modules {' '.join(map(repr, malformed))}: give module names or dotted suffixes of module "
+            "paths, one per argument (e.g. --target_modules to_q to_k)"
+        )
+    problem = model_folder_problem(args.pretrained_model_name_or_path, family)
+    if problem:
+        fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {problem}")
     if args.with_prior_preservation:
         if args.class_prompt is None:
             fail("--with_prior_preservation needs --class_prompt")
@@ -405,3 +473,13 @@ def check_model_family(parser: argparse.ArgumentParser, args: argparse.Namespace
         f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a {found.display_name} model "
         f"({pipeline_class}), not {family.display_name}: {advice}"
     )
+
+
+def check_resolution(resolution: int, denoiser, vae) -> None:
+    """After loading, the one size check that needs the models: the latent must survive the denoiser's
+    downsampling (a UNet halves it once per down block but the last)."""
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    blocks = getattr(denoiser.config, "block_out_channels", None)
+    smallest = vae_factor * 2 ** (len(blocks) - 1) if blocks else vae_factor
+    if resolution < smallest:
+        raise InputError(f"--resolution {resolution} is too small for this model: it needs at least {smallest}")

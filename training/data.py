@@ -23,6 +23,7 @@ from .seeds import AUGMENT_STREAM, ORDER_STREAM, derived_seed
 
 logger = get_logger(__name__)
 
+MAX_ASPECT_RATIO = 16
 DATASETS_MISSING = (
     "--dataset_name needs the `datasets` library (pip install datasets); for local images use --instance_data_dir"
 )
@@ -62,8 +63,25 @@ class ImageRecord:
     prompt: str
 
 
+def check_shape(size: tuple[int, int], name: str) -> None:
+    width, height = size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        # Resized whole, a 60000x2 image would become 30 million pixels wide; training sees one square of it.
+        raise InputError(
+            f"{name} is {width}x{height} px, more than {MAX_ASPECT_RATIO} times wider than high (or higher than "
+            "wide); crop it to the part that shows the concept."
+        )
+
+
 def make_record(source: Path | Image.Image, name: str, resolution: int, prompt: str) -> ImageRecord:
+    if isinstance(source, Path):
+        try:
+            with Image.open(source) as header:  # lazy: reads the size, decodes nothing
+                check_shape(header.size, name)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            pass  # named by `open_image` below, with the reason
     image = open_image(source, name)
+    check_shape(image.size, name)
     return ImageRecord(name, resize_shorter_side(image, resolution, name), (image.height, image.width), prompt)
 
 

@@ -21,9 +21,14 @@ class HubError(RuntimeError):
 
 def run_with_exit_codes(main, args) -> None:
     """Run a script's `main(args)`, turning the errors above into a message and their exit code."""
+    # Imported here: the evaluation reads images through `training.images`, which imports this module, and must
+    # not need the plugin's diffusers and accelerate stack for it.
+    from pipelines.tlora import TLoraConfigError, TLoraFileError, TLoraInjectionError
+
     try:
         main(args)
-    except InputError as error:
+    except (InputError, TLoraConfigError, TLoraFileError, TLoraInjectionError) as error:
+        # the plugin's errors can only come from what the user gave: settings, files, the base model
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(BAD_INPUT_EXIT_CODE) from None
     except HubError as error:

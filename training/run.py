@@ -20,7 +20,14 @@ import pipelines.tlora as tl
 
 from .adapter import method_name, save_adapter
 from .card_assets import LOSS_HISTORY, LossHistory, write_card_extras
-from .checkpoints import check_checkpoint_config, checkpoint_step, remove_partial_checkpoints, resume_checkpoint
+from .checkpoints import (
+    check_checkpoint_config,
+    checkpoint_step,
+    plan_run,
+    remove_partial_checkpoints,
+    resume_checkpoint,
+    start_run,
+)
 from .data import ImageRecord, load_class_records, load_instance_records
 from .hub import create_hub_repo, push_to_hub
 from .model_card import CardFacts, write_model_card
@@ -85,13 +92,16 @@ def check_inputs(args, accelerator: Accelerator, config: tl.TLoraConfig) -> RunI
     checkpoint = resume_checkpoint(args)
     if checkpoint is not None:
         check_checkpoint_config(checkpoint, config)
+    run = plan_run(args, checkpoint)
     instance_records = load_instance_records(args)
     class_records = load_class_records(args) if args.with_prior_preservation else []
     repo_id = None
+    accelerator.wait_for_everyone()  # every process has read the folder before the main one writes to it
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)
+        start_run(output_dir, run, checkpoint, args.overwrite)
         if args.push_to_hub:
             repo_id = create_hub_repo(args)
     return RunInputs(checkpoint, instance_records, class_records, repo_id)

@@ -1,5 +1,6 @@
 """Stopping a run cleanly: the first Ctrl-C (SIGINT) or SIGTERM ends the run after the current optimizer step,
-with a checkpoint to resume from and exit code 130; a second Ctrl-C interrupts at once."""
+with a checkpoint to resume from and exit code 130; a second Ctrl-C interrupts at once. A run whose gradients
+become NaN or infinite stops before the optimizer applies them, so no checkpoint ever holds a diverged adapter."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from .checkpoints import checkpoint_step, save_checkpoint
-from .errors import INTERRUPTED_EXIT_CODE
+from .errors import INTERRUPTED_EXIT_CODE, InputError
 
 
 class StopRequest:
@@ -59,3 +60,18 @@ def exit_stopped(accelerator: Accelerator, args, step: int, last_checkpoint: Pat
         "--resume_from_checkpoint latest."
     )
     raise SystemExit(INTERRUPTED_EXIT_CODE)
+
+
+def stop_if_diverged(grad_norm, accelerator: Accelerator, step: int, last_checkpoint: Path | None, progress) -> None:
+    """Stop before the optimizer step if the gradients are NaN or infinite (a too high learning rate, a broken
+    image): the adapter, and every checkpoint saved so far, stay as they were. `grad_norm` is the clipped norm of
+    the synchronised gradients, so every process decides alike. With fp16 loss scaling, infinite gradients are
+    part of the method (the scaler skips the step and lowers the scale), so they are left to it."""
+    if grad_norm is None or accelerator.scaler is not None or bool(torch.isfinite(grad_norm)):
+        return
+    progress.close()  # the message gets a line of its own
+    kept = f"the last checkpoint, {last_checkpoint}, is intact" if last_checkpoint else "no checkpoint was saved yet"
+    raise InputError(
+        f"training diverged at step {step}: the gradients are {float(grad_norm)} (lower --learning_rate, or check "
+        f"the images). Nothing of this step was applied and nothing more is saved; {kept}."
+    )

@@ -15,6 +15,7 @@ Modules, in the order of the method:
     config            the settings stored with every adapter
     file_format       the safetensors layout, reading and checking
     loader            the pipeline API
+    limits            bounds on what is read from files and flags: finite numbers, sizes, nesting
 Interoperability with other tools' files:
     official_format   the T-LoRA authors' SD-XL checkpoints
     official_flux     the T-LoRA authors' FLUX.1 checkpoints (lora.pt, read weights-only)

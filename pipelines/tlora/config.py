@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from .families import FAMILIES
+from .limits import MAX_RANK, finite_number, load_json, quote
 
 FORMAT_NAME = "tlora"
 FORMAT_VERSION = 1
@@ -54,31 +55,43 @@ class TLoraConfig:
     def __post_init__(self):
         if self.min_rank is None:
             self.min_rank = max(1, self.rank // 2) if isinstance(self.rank, int) else self.rank
-        self.target_modules = list(self.target_modules)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
         self.validate()
 
     def validate(self) -> None:
         def fail(message):
             raise TLoraConfigError(f"Invalid T-LoRA config: {message}")
 
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            fail(f"`rank` must be an integer >= 1, got {self.rank!r}.")
-        if not isinstance(self.min_rank, int) or isinstance(self.min_rank, bool) or self.min_rank < 1:
-            fail(f"`min_rank` must be an integer >= 1, got {self.min_rank!r}.")
+        def is_integer(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_integer(self.rank) or not 1 <= self.rank <= MAX_RANK:
+            fail(f"`rank` must be an integer from 1 to {MAX_RANK}, got {quote(self.rank)}.")
+        if not is_integer(self.min_rank) or self.min_rank < 1:
+            fail(f"`min_rank` must be an integer >= 1, got {quote(self.min_rank)}.")
         if self.min_rank > self.rank:
             fail(f"`min_rank` ({self.min_rank}) must not exceed `rank` ({self.rank}).")
         if self.variant not in VARIANTS:
-            fail(f"`variant` must be one of {VARIANTS}, got {self.variant!r}.")
-        if not isinstance(self.schedule_exponent, (int, float)) or not self.schedule_exponent >= 0:
-            fail(f"`schedule_exponent` must be a number >= 0, got {self.schedule_exponent!r}.")
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
-            fail(f"`num_train_timesteps` must be an integer >= 1, got {self.num_train_timesteps!r}.")
-        if self.lora_alpha is not None and (not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
-            fail(f"`lora_alpha` must be a positive number or None, got {self.lora_alpha!r}.")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            fail(f"`target_modules` must be a non-empty list of module names, got {self.target_modules!r}.")
-        if self.model_family is not None and self.model_family not in FAMILIES:
-            fail(f"`model_family` must be one of {tuple(FAMILIES)} or None, got {self.model_family!r}.")
+            fail(f"`variant` must be one of {VARIANTS}, got {quote(self.variant)}.")
+        if not is_integer(self.num_train_timesteps) or self.num_train_timesteps < 1:
+            fail(f"`num_train_timesteps` must be an integer >= 1, got {quote(self.num_train_timesteps)}.")
+        try:
+            finite_number(self.schedule_exponent, "`schedule_exponent`", 0)
+            if self.lora_alpha is not None:
+                finite_number(self.lora_alpha, "`lora_alpha` (or None)", 0, exclusive=True)
+        except ValueError as error:
+            fail(str(error))
+        if not isinstance(self.init, str):
+            fail(f"`init` must be a string, got {quote(self.init)}.")
+        modules = self.target_modules
+        if not isinstance(modules, list) or not modules or not all(isinstance(t, str) and t for t in modules):
+            fail(f"`target_modules` must be a non-empty list of module names, got {quote(self.target_modules)}.")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            fail(f"`base_model` must be a string or None, got {quote(self.base_model)}.")
+        family = self.model_family
+        if family is not None and (not isinstance(family, str) or family not in FAMILIES):
+            fail(f"`model_family` must be one of {tuple(FAMILIES)} or None, got {quote(self.model_family)}.")
 
     @classmethod
     def for_family(cls, family: str, **settings) -> "TLoraConfig":
@@ -117,11 +130,11 @@ class TLoraConfig:
         if not isinstance(data, dict):
             raise TLoraConfigError(f"`tlora_config` must be a JSON object, got {type(data).__name__}.")
         if data.get("format", FORMAT_NAME) != FORMAT_NAME:
-            raise TLoraConfigError(f"`tlora_config` has format {data.get('format')!r}, expected {FORMAT_NAME!r}.")
+            raise TLoraConfigError(f"`tlora_config` has format {quote(data.get('format'))}, expected {FORMAT_NAME!r}.")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise TLoraConfigError(
-                f"Unsupported T-LoRA format_version {version!r}: this version of the loader reads version "
+                f"Unsupported T-LoRA format_version {quote(version)}: this version of the loader reads version "
                 f"{FORMAT_VERSION}. Upgrade the package to read newer files."
             )
         known = {f.name for f in fields(cls)}
@@ -134,7 +147,7 @@ class TLoraConfig:
     @classmethod
     def from_json(cls, text: str) -> "TLoraConfig":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise TLoraConfigError(f"`tlora_config` metadata is not valid JSON: {error}") from None
+            data = load_json(text, "`tlora_config` metadata")
+        except ValueError as error:
+            raise TLoraConfigError(str(error)) from None
         return cls.from_dict(data)

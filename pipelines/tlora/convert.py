@@ -23,7 +23,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +39,14 @@ from .file_format import (
     family_of_config,
     read_safetensors,
     refuse_pickle,
+    remove_stale_temporaries,
     save_tlora_file,
     split_state_dict,
+    temporary_sibling,
     write_atomically,
 )
 from .families import FLUX, SDXL, ModelFamily
+from .limits import load_json
 from .loader import tlora_state_dict
 from .lora_export import DEFAULT_TOOL, TOOL_FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
 from .official_flux import (
@@ -63,6 +65,7 @@ from .official_format import (
     DEFAULT_PLACEHOLDER_TOKEN,
     HPARAMS_NAME,
     LOGS_DIR,
+    MAX_HPARAMS_CHARS,
     OFFICIAL_NUM_TRAIN_TIMESTEPS,
     OFFICIAL_WEIGHT_NAME,
     ScheduleSettings,
@@ -121,11 +124,12 @@ def _write_folder(out_dir: Path, files: dict[str, Callable[[Path], None]], overw
     targets = [out_dir / relative for relative in files]
     _check_free(targets, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    remove_stale_temporaries(out_dir)
+    staging = temporary_sibling(out_dir)
+    staging.mkdir()  # the usual mode (0777 less the umask); `mkdtemp` would give 0700
     try:
         for relative, write in files.items():
-            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            write(staging / relative)
+            write_atomically(staging / relative, write)  # for its file modes: safetensors writes 0600
         if not out_dir.exists():
             os.rename(staging, out_dir)
         else:
@@ -152,15 +156,25 @@ def _checkpoint_sort_key(folder: Path):
     return (0, int(step), "") if step.isdigit() else (1, 0, folder.name)
 
 
+def refuse_both_layouts(folder: Path) -> None:
+    """A folder holding a file of each layout is ambiguous: which one was meant is not ours to guess."""
+    if (folder / WEIGHT_NAME).is_file() and (folder / OFFICIAL_WEIGHT_NAME).is_file():
+        raise TLoraFileError(
+            f"{folder} holds both {WEIGHT_NAME} (this package's T-LoRA) and {OFFICIAL_WEIGHT_NAME} (the authors' "
+            "layout, or a standard LoRA); pass the file you mean instead of the folder."
+        )
+
+
 def locate_official_weights(path: str | os.PathLike) -> Path:
     """The weights file of an authors' checkpoint given as the file itself or its checkpoint-N folder."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix != Path(FLUX_WEIGHT_NAME).suffix:  # the authors' FLUX `.pt`, read weights-only, is the exception
         refuse_pickle(path)
     if path.is_file():
         return path
     if not path.exists():
         raise FileNotFoundError(f"No such checkpoint file or folder: {path}")
+    refuse_both_layouts(path)
     for name in (OFFICIAL_WEIGHT_NAME, FLUX_EXPORT_WEIGHT_NAME, FLUX_WEIGHT_NAME):
         if (path / name).is_file():
             return path / name
@@ -177,7 +191,11 @@ def _foreign_layout(path: Path, tensors: dict, metadata: dict) -> TLoraFileError
     if METADATA_KEY in metadata:
         return TLoraFileError(f"{path} is already a T-LoRA file of this package; there is nothing to import.")
     if EXPORT_METADATA_KEY in metadata:
-        description = json.loads(metadata[EXPORT_METADATA_KEY]).get("description", "")
+        try:
+            record = load_json(metadata[EXPORT_METADATA_KEY], f"the `{EXPORT_METADATA_KEY}` metadata")
+        except ValueError:
+            record = None  # the layout is known from the key alone
+        description = record.get("description", "") if isinstance(record, dict) else ""
         return TLoraFileError(
             f"{path} is a standard LoRA (no timestep schedule), exported from a T-LoRA: {description}"
         )
@@ -189,7 +207,7 @@ def _foreign_layout(path: Path, tensors: dict, metadata: dict) -> TLoraFileError
 def find_hparams(weights: Path, hparams: str | os.PathLike | None = None) -> Path | None:
     """`hparams` if given (it must exist), else `<run>/logs/hparams.yml` of `<run>/checkpoint-N/<weights>`."""
     if hparams is not None:
-        hparams = Path(hparams)
+        hparams = Path(hparams).expanduser()
         if not hparams.is_file():
             raise FileNotFoundError(f"No such hparams file: {hparams}")
         return hparams
@@ -231,6 +249,18 @@ def read_official_weights(weights: Path) -> tuple[dict[str, torch.Tensor], dict[
     if weights.suffix == Path(FLUX_WEIGHT_NAME).suffix:
         return read_weights_only_pickle(weights), {}
     return read_safetensors(weights)
+
+
+def _read_hparams_text(path: Path) -> str:
+    if path.stat().st_size > MAX_HPARAMS_CHARS:  # refused unread
+        raise TLoraFileError(
+            f"{path} is {path.stat().st_size:,} bytes; an hparams.yml is a short list of settings (at most "
+            f"{MAX_HPARAMS_CHARS:,} bytes are read)."
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise TLoraFileError(f"{path} is not a UTF-8 text file: {error}") from None
 
 
 @dataclass
@@ -279,7 +309,8 @@ def read_official_checkpoint(
     hparams_path = find_hparams(weights, hparams)
     settings = ScheduleSettings()
     if hparams_path is not None:
-        settings = read_settings(parse_hparams(hparams_path.read_text(), str(hparams_path)), str(hparams_path))
+        source = str(hparams_path)
+        settings = read_settings(parse_hparams(_read_hparams_text(hparams_path), source), source)
     settings = merge_settings(settings, overrides or {})
     shapes = module_shapes(state_dict)
     return OfficialCheckpoint(weights, family, variant, state_dict, shapes, settings, hparams_path, notes)
@@ -295,10 +326,12 @@ def _validate(state_dict: dict[str, torch.Tensor], config: TLoraConfig) -> None:
 
 def read_adapter(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TLoraConfig]:
     """A T-LoRA file of this package (or a folder holding one), checked."""
-    source = Path(source)
+    source = Path(source).expanduser()
     refuse_pickle(source)
     if not source.exists():
         raise FileNotFoundError(f"No such T-LoRA file or folder: {source}")
+    if source.is_dir():
+        refuse_both_layouts(source)
     if source.is_dir() and not (source / WEIGHT_NAME).is_file():
         _refuse_pickle_in(source)
         raise TLoraFileError(f"{source} holds no {WEIGHT_NAME}. {KNOWN_LAYOUTS}")
@@ -328,7 +361,8 @@ def import_official(
     The tensors decide the variant; the schedule comes from `hparams` (default `<run>/logs/hparams.yml`), with
     any argument given here taking precedence.
     """
-    target = Path(out_dir) / WEIGHT_NAME
+    out_dir = Path(out_dir).expanduser()
+    target = out_dir / WEIGHT_NAME
     _check_free([target], overwrite)
     overrides = {
         "rank": rank,
@@ -372,7 +406,8 @@ def export_official(
         if config.scale != 1.0:
             notes.append(f"adapter scale {config.scale:g} (lora_alpha / rank) folded into the up factors")
         weights = (FLUX_EXPORT_WEIGHT_NAME, tensors)
-        return _write_official_run(Path(out_dir), step, weights, flux_hparams_for(config), config, notes, overwrite)
+        hparams = flux_hparams_for(config)
+        return _write_official_run(Path(out_dir).expanduser(), step, weights, hparams, config, notes, overwrite)
     if family.denoiser_attribute != SDXL.denoiser_attribute:
         raise TLoraFileError(f"The T-LoRA authors published no checkpoint layout for {family.display_name}.")
     tensors = tlora_to_official_state_dict(state_dict, config)
@@ -396,7 +431,8 @@ def export_official(
         )
     for module, projections in sorted(missing_projections(tensors).items()):
         notes.append(f"{module} has no adapter on {', '.join(projections)}; the authors' loader expects all four")
-    return _write_official_run(Path(out_dir), step, (OFFICIAL_WEIGHT_NAME, tensors), hparams, config, notes, overwrite)
+    weights = (OFFICIAL_WEIGHT_NAME, tensors)
+    return _write_official_run(Path(out_dir).expanduser(), step, weights, hparams, config, notes, overwrite)
 
 
 def _write_official_run(
@@ -468,7 +504,7 @@ def export_lora(
     lora_rank = rank if config.variant == "vanilla" else 2 * rank
     tool_name = f"{adapter_name(source)}_lora-rank{lora_rank}.safetensors"
     name = LORA_WEIGHT_NAME if lora_format == "diffusers" else tool_name
-    target = _export_target(Path(out), name)
+    target = _export_target(Path(out).expanduser(), name)
     _check_free([target], overwrite)
     tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), lora_format, family_of_config(config))
     description = describe_export(config, rank)
@@ -540,6 +576,9 @@ class _Inspected:
 
 
 def _read_for_inspection(path: Path, hparams) -> _Inspected:
+    """What `inspect` shows of `path`, in either layout."""
+    if path.is_dir():
+        refuse_both_layouts(path)
     weights = path / WEIGHT_NAME if path.is_dir() and (path / WEIGHT_NAME).is_file() else path
     is_pickle = weights.suffix == Path(FLUX_WEIGHT_NAME).suffix
     if weights.is_file() and not is_pickle and METADATA_KEY in read_safetensors(weights, with_tensors=False)[1]:
@@ -557,7 +596,7 @@ def _read_for_inspection(path: Path, hparams) -> _Inspected:
 
 def inspect_adapter(path: str | os.PathLike, hparams: str | os.PathLike | None = None) -> dict:
     """A summary of an adapter in either layout: settings, sizes and the rank used at a few timesteps."""
-    path = Path(path)
+    path = Path(path).expanduser()
     inspected = _read_for_inspection(path, hparams)
     config, state_dict = inspected.config, inspected.state_dict
     shapes = module_shapes(state_dict)

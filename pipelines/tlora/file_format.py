@@ -8,8 +8,12 @@ All functions here are pure: they read and write tensors and files, never a mode
 
 from __future__ import annotations
 
+import glob
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from safetensors.torch import save_file
 
 from .config import FORMAT_VERSION, TLoraConfig, TLoraConfigError
 from .families import FAMILIES, SDXL, ModelFamily, get_family
+from .limits import quote
 from .version import __version__
 
 WEIGHT_NAME = "pytorch_tlora_weights.safetensors"
@@ -27,6 +32,8 @@ METADATA_KEY = "tlora_config"
 WRITER_KEY = "tlora_version"
 KEY_PREFIXES = tuple(sorted({family.key_prefix for family in FAMILIES.values()}))
 KEY_INFIX = ".tlora."
+# float8 and the like hold no adapter this package writes, and torch cannot even check them for NaN
+TENSOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # file name of each tensor -> attribute of the adapter layer
@@ -100,15 +107,39 @@ def pack_layers(tlora_layers: dict[str, torch.Tensor], prefix: str) -> dict[str,
     return packed
 
 
+def temporary_sibling(path: Path) -> Path:
+    """A fresh hidden name beside `path` to build it under: `.<name>.<random>.tmp`."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries that killed writes of `path` left behind: a process killed before its rename cannot
+    clean up after itself, so the next write of the same target does."""
+    own_name = re.compile(rf"\.{re.escape(path.name)}\.\w+\.tmp")
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if not own_name.fullmatch(leftover.name):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write through `write(temporary path)` in the same folder, then rename into place: an interrupted write
     never leaves a partial file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    remove_stale_temporaries(path)
+    temporary = temporary_sibling(path)
+    # The usual mode is 0666 less the umask, which creating the file tells without changing the umask. It is set
+    # again after writing because some writers (safetensors) recreate the file as 0600; `mkstemp` would also give
+    # 0600, hiding adapters and results from every other user and service of the machine.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    usual_mode = stat.S_IMODE(os.stat(temporary).st_mode)
     try:
-        write(Path(temporary))
+        write(temporary)
+        os.chmod(temporary, usual_mode)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -125,7 +156,7 @@ def save_tlora_file(state_dict: dict[str, torch.Tensor], config: TLoraConfig, pa
 
 def _describe_foreign_keys(keys) -> str | None:
     """A hint for files that are adapters, but not T-LoRA files of this format."""
-    keys = list(keys)
+    keys = [key for key in keys if KEY_INFIX not in key]  # ".tlora.down" contains "lora.down"
     if any("_lora.q_layer" in k or "_lora.down.weight" in k or "_lora.lambda_layer" in k for k in keys):
         return (
             "It looks like a checkpoint of the T-LoRA authors' code; convert it with "
@@ -205,28 +236,33 @@ def split_state_dict(
         other = _other_prefix(key, prefix)
         if other is not None:
             raise TLoraFileError(
-                f"This adapter is for a `{other[:-1]}` (key {key!r}), but the model has a `{prefix[:-1]}`: it was "
-                "made for another model family."
+                f"This adapter is for a `{other[:-1]}` (key {quote(key)}), but the model has a `{prefix[:-1]}`: it "
+                "was made for another model family."
             )
         body = key[len(prefix) :] if key.startswith(prefix) else key
         path, infix, name = body.rpartition(KEY_INFIX)
-        if not infix or name not in names:
+        if infix and name not in names:
+            raise TLoraFileError(
+                f"Key {quote(key)} names an unknown T-LoRA parameter {quote(name)}: a {config.variant!r} adapter "
+                f"has {', '.join(names)}. The file was written by another version or tool, or its variant is wrong."
+            )
+        if not infix:
             hint = _describe_foreign_keys(state_dict) or ""
             raise TLoraFileError(
-                f"Unexpected key {key!r} for a {config.variant!r} T-LoRA adapter (expected "
+                f"Unexpected key {quote(key)} for a {config.variant!r} T-LoRA adapter (expected "
                 f"'{prefix}<module path>.tlora.<{'|'.join(names)}>'). {hint}".rstrip()
             )
         if path not in projection_shapes:
             raise TLoraFileError(
-                f"Key {key!r} names module {path!r}, which is not a linear projection of this {label}; the adapter "
-                "was made for a different base model."
+                f"Key {quote(key)} names module {quote(path)}, which is not a linear projection of this {label}; the "
+                "adapter was made for a different base model."
             )
         grouped.setdefault(path, {})[names[name]] = tensor
 
     for path, tensors in grouped.items():
         missing = [name for name, attribute in names.items() if attribute not in tensors]
         if missing:
-            raise TLoraFileError(f"Missing keys for module {path!r}: " + ", ".join(f"tlora.{m}" for m in missing))
+            raise TLoraFileError(f"Missing keys for module {quote(path)}: " + ", ".join(f"tlora.{m}" for m in missing))
         expected = _expected_shapes(config.variant, config.rank, *projection_shapes[path])
         for name, shape in expected.items():
             tensor = tensors[names[name]]
@@ -236,9 +272,10 @@ def split_state_dict(
                     f"{label} with rank {config.rank} needs {shape}. The adapter was made for a different base model "
                     "or rank."
                 )
-            if not tensor.is_floating_point():
+            if tensor.dtype not in TENSOR_DTYPES:
                 raise TLoraFileError(
-                    f"'{prefix}{path}.tlora.{name}' has dtype {tensor.dtype}; expected a float tensor."
+                    f"'{prefix}{path}.tlora.{name}' has dtype {tensor.dtype}; expected one of "
+                    f"{', '.join(map(str, TENSOR_DTYPES))}."
                 )
             if not torch.isfinite(tensor).all():
                 raise TLoraFileError(f"'{prefix}{path}.tlora.{name}' contains NaN or Inf values.")

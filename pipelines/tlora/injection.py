@@ -100,6 +100,18 @@ def find_target_projections(denoiser: nn.Module, target_modules) -> list[str]:
     return paths
 
 
+def _check_rank_fits(denoiser: nn.Module, rank: int, paths: list[str]) -> None:
+    """A rank above what every adapted projection can hold is never used by a layer, yet it sizes the rank masks
+    built at each denoiser call: refuse it before anything is attached."""
+    linears = [_innermost(denoiser.get_submodule(path)) for path in paths]
+    widths = [min(linear.in_features, linear.out_features) for linear in linears]
+    if widths and rank > max(widths):
+        raise TLoraInjectionError(
+            f"Rank {rank} is larger than any adapted projection can hold (the widest allows rank {max(widths)}); "
+            "the adapter was made for a larger model, or the rank is a typo."
+        )
+
+
 def _add_tlora_update(projection: nn.Linear, args, output):
     x = args[0]
     for adapter in projection.tlora.values():
@@ -275,6 +287,7 @@ def inject_tlora(
         raise TLoraInjectionError(mismatch)
     if paths is None:
         paths = find_target_projections(denoiser, config.target_modules)
+    _check_rank_fits(denoiser, config.rank, paths)
     attention_of = {path: _parent_attention(denoiser, path) for path in paths}
     for path, attention in attention_of.items():
         if attention is not None and _uses_fused_projections(attention):

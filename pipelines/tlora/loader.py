@@ -32,6 +32,7 @@ from .file_format import (
     split_state_dict,
 )
 from .injection import get_router, get_tlora_adapters, inject_tlora, projection_shapes, remove_tlora
+from .limits import finite_number
 
 
 def _resolve_weight_file(
@@ -47,7 +48,7 @@ def _resolve_weight_file(
     """A local file, a file inside a local folder, or a file downloaded from a Hub repository."""
     weight_name = weight_name or WEIGHT_NAME
     refuse_pickle(weight_name)
-    source_path = Path(source)
+    source_path = Path(source).expanduser()
     if source_path.is_file():
         return source_path
     if source_path.is_dir():
@@ -236,8 +237,9 @@ def set_tlora_scale(pipeline, scale: float, adapter_name: str | None = None) -> 
     names = [] if router is None else list(router.configs) if adapter_name is None else [adapter_name]
     if not names or any(name not in router.configs for name in names):
         raise ValueError(f"No T-LoRA adapter {'is loaded' if adapter_name is None else repr(adapter_name)}.")
+    scale = finite_number(scale, "The T-LoRA scale")
     for name in names:
-        router.scales[name] = float(scale)
+        router.scales[name] = scale
 
 
 def get_tlora_config(pipeline_or_denoiser, adapter_name: str = "default") -> TLoraConfig:

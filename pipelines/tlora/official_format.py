@@ -30,8 +30,11 @@ import yaml
 
 from .config import DEFAULT_TARGET_MODULES, TLoraConfig, TLoraConfigError
 from .file_format import KEY_INFIX, TLoraFileError, layer_key_parts
+from .limits import MAX_NESTING, check_nesting, check_text_size, quote
 
 OFFICIAL_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# hparams.yml holds a few dozen training arguments; PyYAML parses in pure Python, about a megabyte a second
+MAX_HPARAMS_CHARS = 1 << 18
 HPARAMS_NAME = "hparams.yml"
 LOGS_DIR = "logs"
 
@@ -100,7 +103,7 @@ def official_to_tlora_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[s
         match = _KEY_PATTERN.match(key)
         if match is None:
             raise TLoraFileError(
-                f"Unexpected key {key!r}: the authors' checkpoints hold only "
+                f"Unexpected key {quote(key)}: the authors' checkpoints hold only "
                 "'<module>.processor.<to_q|to_k|to_v|to_out>_lora.<param>' keys."
             )
         parsed.append((key, match))
@@ -111,7 +114,9 @@ def official_to_tlora_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[s
         tensor = state_dict[key]
         if name in LAMBDA_NAMES:
             if tensor.ndim != 2 or tensor.shape[0] != 1:
-                raise TLoraFileError(f"{key!r} has shape {tuple(tensor.shape)}; the authors store lambdas as (1, R).")
+                raise TLoraFileError(
+                    f"{quote(key)} has shape {tuple(tensor.shape)}; the authors store lambdas as (1, R)."
+                )
             tensor = tensor.reshape(-1)
         path = f"{match['module']}.{PROJECTIONS[match['projection']]}"
         converted[f"{path}{KEY_INFIX}{name}"] = tensor
@@ -133,8 +138,8 @@ def tlora_to_official_state_dict(state_dict: dict[str, torch.Tensor], config: TL
         projection = "to_" + projection
         if not module or projection not in their_projection:
             raise TLoraFileError(
-                f"Module {path!r} is not an attention projection (to_q, to_k, to_v, to_out.0); the authors' layout "
-                "holds adapters of those only."
+                f"Module {quote(path)} is not an attention projection (to_q, to_k, to_v, to_out.0); the authors' "
+                "layout holds adapters of those only."
             )
         if name in ("up", "up_base") and config.scale != 1.0:
             tensor = tensor * config.scale
@@ -157,7 +162,18 @@ def missing_projections(official_keys) -> dict[str, list[str]]:
 
 class _HparamsLoader(yaml.SafeLoader):
     """Safe YAML loading that reads unknown tags (e.g. `!!python/tuple` from `yaml.dump`) as plain data instead of
-    failing; nothing is ever constructed from a tag."""
+    failing; nothing is ever constructed from a tag. Nesting is bounded: PyYAML composes nested nodes by
+    recursion, so a deeply nested file would otherwise end in a `RecursionError` (flow brackets are counted before
+    parsing; this bounds nesting by indentation)."""
+
+    def compose_node(self, parent, index):
+        self.nesting = getattr(self, "nesting", 0) + 1
+        if self.nesting > MAX_NESTING:
+            raise yaml.YAMLError(f"nested deeper than {MAX_NESTING} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.nesting -= 1
 
 
 def _construct_plain(loader, _suffix, node):
@@ -173,6 +189,12 @@ _HparamsLoader.add_multi_constructor("", _construct_plain)
 
 def parse_hparams(text: str, source: str = "hparams.yml") -> dict:
     """The training arguments from the text of an hparams.yml file."""
+    try:
+        check_text_size(text, source, MAX_HPARAMS_CHARS)
+        # PyYAML's scanner takes quadratic time in the depth of flow brackets, before any composing
+        check_nesting(text, source)
+    except ValueError as error:
+        raise TLoraFileError(str(error)) from None
     try:
         data = yaml.load(text, Loader=_HparamsLoader)  # a SafeLoader subclass: constructs plain data only
     except yaml.YAMLError as error:
@@ -208,7 +230,7 @@ def _typed(hparams: dict, key: str, kind, source: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise TLoraFileError(f"{source}: `{key}` must be {kind.__name__}, got {value!r}.")
+        raise TLoraFileError(f"{source}: `{key}` must be {kind.__name__}, got {quote(value)}.")
     return value
 
 
@@ -223,13 +245,15 @@ def settings_from_hparams(hparams: dict, source: str) -> ScheduleSettings:
     trainer_type = _typed(hparams, "trainer_type", str, source)
     if trainer_type is not None:
         if trainer_type not in TRAINER_TYPES:
-            raise TLoraFileError(f"{source}: unknown trainer_type {trainer_type!r}; known: {', '.join(TRAINER_TYPES)}.")
+            raise TLoraFileError(
+                f"{source}: unknown trainer_type {quote(trainer_type)}; known: {', '.join(TRAINER_TYPES)}."
+            )
         settings.variant, settings.init_source = TRAINER_TYPES[trainer_type]
     trainer_class = _typed(hparams, "trainer_class", str, source)
     if trainer_class is not None:
         settings.masked = trainer_class != UNMASKED_TRAINER_CLASS
     if settings.sig_type is not None and settings.sig_type not in SIG_TYPES:
-        raise TLoraFileError(f"{source}: unknown sig_type {settings.sig_type!r}; known: {', '.join(SIG_TYPES)}.")
+        raise TLoraFileError(f"{source}: unknown sig_type {quote(settings.sig_type)}; known: {', '.join(SIG_TYPES)}.")
     settings.sources = {
         name: source for name, value in vars(settings).items() if value is not None and name != "sources"
     }
@@ -258,11 +282,11 @@ def module_shapes(tlora_state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[
     shapes = {}
     for path in sorted(downs.keys() | ups.keys()):
         if path not in downs or path not in ups:
-            raise TLoraFileError(f"Module {path!r} lacks its {'up' if path in downs else 'down'} factor.")
+            raise TLoraFileError(f"Module {quote(path)} lacks its {'up' if path in downs else 'down'} factor.")
         down, up = downs[path], ups[path]
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
             raise TLoraFileError(
-                f"Module {path!r}: down {tuple(down.shape)} and up {tuple(up.shape)} are not the factors of one "
+                f"Module {quote(path)}: down {tuple(down.shape)} and up {tuple(up.shape)} are not the factors of one "
                 "low-rank product."
             )
         shapes[path] = (down.shape[1], up.shape[0], down.shape[0])
@@ -270,11 +294,17 @@ def module_shapes(tlora_state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[
 
 
 def _check_rank(rank: int, shapes: dict[str, tuple[int, int, int]], rank_source: str) -> None:
+    widest = max(min(in_features, out_features) for in_features, out_features, _ in shapes.values())
+    if rank > widest:
+        raise TLoraFileError(
+            f"Rank {rank} (from {rank_source}) is larger than any module of the checkpoint can hold (the widest "
+            f"allows {widest}); check --rank / lora_rank."
+        )
     for path, (in_features, out_features, layer_rank) in shapes.items():
         expected = min(rank, in_features, out_features)
         if layer_rank != expected:
             raise TLoraFileError(
-                f"Module {path!r} has rank {layer_rank}, but rank {rank} (from {rank_source}) gives a "
+                f"Module {quote(path)} has rank {layer_rank}, but rank {rank} (from {rank_source}) gives a "
                 f"{in_features}->{out_features} projection rank {expected}. The tensors do not match the settings; "
                 "check --rank / lora_rank."
             )
