@@ -67,7 +67,7 @@ from training.run import (
     start_tracking,
 )
 from training.seeds import NOISE_STREAM, derived_seed
-from training.stopping import StopRequest, exit_stopped
+from training.stopping import StopRequest, exit_stopped, stop_if_diverged
 from training.validation import current_adapter_loaded, fill_class_images, run_validation
 
 logger = get_logger(__name__)
@@ -151,7 +151,7 @@ def parse_args(input_args=None):
     optimization.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode weighting scheme.")
     parser.set_defaults(**DEFAULTS)
     args = parser.parse_args(input_args)
-    check_args(parser, args)
+    check_args(parser, args, FLUX)
     if args.max_sequence_length > MAX_SEQUENCE_LENGTH:
         parser.error(f"--max_sequence_length must be at most {MAX_SEQUENCE_LENGTH}, got {args.max_sequence_length}")
     if args.resolution % 16:
@@ -391,7 +391,8 @@ def main(args) -> None:
                 loss = batch_loss(transformer, batch, models, moments_cache, noise_generator, args)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    stop_if_diverged(grad_norm, accelerator, global_step + 1, last_checkpoint, progress)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
