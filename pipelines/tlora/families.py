@@ -14,7 +14,7 @@ converters) and the scripts read those facts from one `ModelFamily` instead of h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -95,16 +95,11 @@ SD = ModelFamily(
     base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
 )
 
-SDXL = ModelFamily(
+# SD-XL's UNet is called as SD's: only the pipelines and the base model differ
+SDXL = replace(
+    SD,
     name="sdxl",
     display_name="Stable Diffusion XL",
-    denoiser_attribute="unet",
-    denoiser_class="UNet2DConditionModel",
-    sample_argument="sample",
-    timestep_position=1,
-    timestep_scale=1.0,
-    default_target_modules=UNET_TARGET_MODULES,
-    default_variant="ortho",
     pipeline_classes=tuple(f"StableDiffusionXL{kind}Pipeline" for kind in _UNET_PIPELINES)
     + ("StableDiffusionXLPAGPipeline", "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionXLPAGInpaintPipeline"),
     base_model="stabilityai/stable-diffusion-xl-base-1.0",
@@ -137,16 +132,13 @@ FLUX = ModelFamily(
     base_model="black-forest-labs/FLUX.1-dev",
 )
 
-SD3 = ModelFamily(
+# SD3's MM-DiT is called as FLUX's, but with the raw timestep (1000 * sigma) rather than sigma
+SD3 = replace(
+    FLUX,
     name="sd3",
     display_name="Stable Diffusion 3",
-    denoiser_attribute="transformer",
     denoiser_class="SD3Transformer2DModel",
-    sample_argument="hidden_states",
-    timestep_position=None,
     timestep_scale=1.0,
-    default_target_modules=TRANSFORMER_TARGET_MODULES,
-    default_variant="vanilla",
     pipeline_classes=tuple(f"StableDiffusion3{kind}Pipeline" for kind in ("", "Img2Img", "Inpaint")),
     base_model="stabilityai/stable-diffusion-3.5-medium",
 )
