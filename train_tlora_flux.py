@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,8 @@ def parse_args(input_args=None):
     if args.resolution % 16:
         parser.error(f"--resolution must be divisible by 16 (FLUX packs 2x2 latent patches), got {args.resolution}")
     for flag in ("guidance_scale", "validation_guidance_scale"):
+        if not math.isfinite(getattr(args, flag)):
+            parser.error(f"--{flag} must be a finite number, got {getattr(args, flag)}")
         if getattr(args, flag) < 0:
             parser.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
     if args.base_quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:

@@ -288,6 +288,11 @@ FAMILY_BAD_COMMAND_LINES = {
             "argument --max_sequence_length: must be an integer >= 1",
         ),
         "negative guidance": ([*DATA, "--guidance_scale", "-1"], "--guidance_scale must not be negative"),
+        "guidance nan": ([*DATA, "--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan"),
+        "validation guidance inf": (
+            [*DATA, "--validation_guidance_scale", "inf"],
+            "--validation_guidance_scale must be a finite number, got inf",
+        ),
         "negative validation guidance": (
             [*DATA, "--validation_guidance_scale", "-0.5"],
             "--validation_guidance_scale must not be negative",
