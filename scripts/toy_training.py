@@ -5,6 +5,10 @@ CPU that is often shared, so a run must survive being stopped: every phase write
 moments to one safetensors file (atomically) every few hundred steps and picks up from there when started
 again. Batch `i` of a phase is drawn from a generator seeded by (seed, i), so a resumed run sees exactly
 the pictures an uninterrupted one would have seen.
+
+A phase may keep an exponential moving average of its weights (`ema_decay`), stored in the checkpoint next
+to them and copied into the model when the phase ends: a few thousand CPU steps at a constant learning rate
+leave weights that still jitter from batch to batch, and the average of the last few hundred draws better.
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Model weights (`model.*`) and AdamW moments (`adam.<i>.exp_avg` ...) in one safetensors file."""
+def save_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, ema: dict | None = None
+) -> None:
+    """Model weights (`model.*`), AdamW moments (`adam.<i>.exp_avg` ...) and the weights' moving average
+    (`ema.*`, when kept) in one safetensors file."""
     tensors = {f"model.{name}": value.detach().contiguous() for name, value in model.state_dict().items()}
+    tensors.update({f"ema.{name}": value.contiguous() for name, value in (ema or {}).items()})
     adam_steps = {}
     for index, parameter in enumerate(optimizer.param_groups[0]["params"]):
         state = optimizer.state.get(parameter)
@@ -49,12 +57,20 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore what `save_checkpoint` wrote; returns the step to continue from (0 when there is no file)."""
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None = None
+) -> int:
+    """Restore what `save_checkpoint` wrote; returns the step to continue from (0 when there is no file).
+
+    `ema` (name -> tensor) is filled in place from the file's `ema.*`; a checkpoint written without them
+    starts the average at its weights."""
     if not path.is_file():
         return 0
     tensors, metadata = read_safetensors(path)
     model.load_state_dict({name.removeprefix("model."): t for name, t in tensors.items() if name.startswith("model.")})
+    if ema is not None:
+        for name, value in ema.items():
+            value.copy_(tensors.get(f"ema.{name}", model.state_dict()[name]))
     parameters = optimizer.param_groups[0]["params"]
     for index, adam_step in json.loads(metadata["adam_steps"]).items():
         index = int(index)
@@ -75,16 +91,20 @@ def train_phase(
     loss_at_step,
     checkpoint_every: int = 200,
     log_every: int = 50,
+    ema_decay: float | None = None,
 ) -> int:
     """The loop every phase runs: resume, `loss_at_step(step)` -> backward -> AdamW, checkpoint, log.
 
+    With `ema_decay`, the model ends holding the moving average of its weights instead of the last ones.
     Returns the number of steps this call trained (0 when the checkpoint had finished the phase already).
     """
     import time
 
-    start = load_checkpoint(checkpoint, model, optimizer)
+    ema = None if ema_decay is None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = load_checkpoint(checkpoint, model, optimizer, ema)
     if start >= steps:
         print(f"[{name}] done already ({start} steps, {checkpoint})", flush=True)
+        _use_average(model, ema)
         return 0
     if start:
         print(f"[{name}] resuming at step {start} from {checkpoint}", flush=True)
@@ -96,6 +116,13 @@ def train_phase(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if ema is not None:
+            with torch.no_grad():
+                for key, value in model.state_dict().items():
+                    if value.is_floating_point():
+                        ema[key].lerp_(value, 1.0 - ema_decay)
+                    else:
+                        ema[key].copy_(value)
         running += loss.item()
         done = step + 1
         if done % log_every == 0 or done == steps:
@@ -104,6 +131,12 @@ def train_phase(
             print(f"[{name}] step {done}/{steps} loss {running / count:.4f} ({seconds:.0f} s)", flush=True)
             running = 0.0
         if done % checkpoint_every == 0 or done == steps:
-            save_checkpoint(checkpoint, model, optimizer, done)
+            save_checkpoint(checkpoint, model, optimizer, done, ema)
     model.eval()
+    _use_average(model, ema)
     return steps - start
+
+
+def _use_average(model: torch.nn.Module, ema: dict | None) -> None:
+    if ema is not None:
+        model.load_state_dict(ema)

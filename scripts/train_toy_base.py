@@ -75,6 +75,7 @@ UNET_CONFIG = dict(
 CROP = 32
 CAPTION_DROPOUT = 0.1
 LATENT_POOL = 4096  # pictures encoded once for the UNet phase
+EMA_DECAY = 0.998  # the saved UNet is the average of about its last 500 steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -186,7 +187,7 @@ def train_unet(unet, pipe, means, stds, captions, checkpoint: Path, steps: int, 
         ).sample
         return F.mse_loss(prediction, noise)
 
-    train_phase("unet", checkpoint, unet, optimizer, steps, loss_at_step)
+    train_phase("unet", checkpoint, unet, optimizer, steps, loss_at_step, ema_decay=EMA_DECAY)
 
 
 def save_pipeline(out: Path, unet, vae, seed: int) -> None:

@@ -37,6 +37,7 @@ from scripts.toy_training import train_phase, world_batch  # noqa: E402
 
 GENERIC_OBJECT = "toy"
 MAX_TEXT_TOKENS = 32
+EMA_DECAY = 0.998  # the saved model is the average of about its last 500 steps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -124,7 +125,7 @@ def train_clip(model, tokenizer, checkpoint: Path, steps: int, seed: int, batch_
         targets = same / same.sum(dim=1, keepdim=True)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
-    train_phase("clip", checkpoint, model, optimizer, steps, loss_at_step)
+    train_phase("clip", checkpoint, model, optimizer, steps, loss_at_step, ema_decay=EMA_DECAY)
 
 
 def save_clip(out: Path, model, tokenizer) -> None:
