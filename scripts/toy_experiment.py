@@ -21,7 +21,8 @@ about the same concept fidelity. Every step uses the project's own command-line 
 4. Mean and standard deviation over seeds: `results.md`, `results.json` and `tradeoff.png` (text alignment
    against concept fidelity, one point per method and rank).
 
-Adapters and evaluations already on disk are reused, so an interrupted run continues where it stopped.
+Adapters and evaluations already on disk are reused, so an interrupted run continues where it stopped. The
+runs are independent one-thread processes, `--jobs` of them at a time (default: one per core).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,11 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images_per_prompt", type=int, default=4, help="images per contextual prompt (4)")
     parser.add_argument("--base_prompt_images", type=int, default=8, help='images of "a photo of sks toy" (8)')
     parser.add_argument("--num_inference_steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="trainings and evaluations run at once (one per core)"
+    )
     args = parser.parse_args(argv)
     if args.context not in toy_world.CONTEXTS:
         contexts = ", ".join(toy_world.CONTEXTS)
         parser.error(f"--context {args.context!r} is not a toy-world context; use one of {contexts}")
-    for name in ("steps", "images_per_prompt", "base_prompt_images", "num_inference_steps"):
+    for name in ("steps", "images_per_prompt", "base_prompt_images", "num_inference_steps", "jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if min(args.ranks) < 1:
@@ -251,15 +256,21 @@ def main(argv=None) -> int:
     prompts = out / "prompts.json"
     prompts.write_text(json.dumps(TOY_PROMPTS, indent=2) + "\n", encoding="utf-8")
 
-    per_seed = {}
-    for seed in args.seeds:
-        adapters = {}
-        for method in args.methods:
-            for rank in args.ranks:
-                print(f"[seed {seed}] training {adapter_name(method, rank)}", flush=True)
-                adapters[adapter_name(method, rank)] = train(args, concept, method, rank, seed)
+    runs = [(seed, method, rank) for seed in args.seeds for method in args.methods for rank in args.ranks]
+
+    def train_one(run):
+        seed, method, rank = run
+        print(f"[seed {seed}] training {adapter_name(method, rank)}", flush=True)
+        return train(args, concept, method, rank, seed)
+
+    def evaluate_one(seed):
+        adapters = {adapter_name(m, r): trained[(s, m, r)] for s, m, r in runs if s == seed}
         print(f"[seed {seed}] evaluating {len(adapters)} adapters and the base model", flush=True)
-        per_seed[seed] = evaluate(args, concept, prompts, adapters, seed)
+        return evaluate(args, concept, prompts, adapters, seed)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        trained = dict(zip(runs, pool.map(train_one, runs)))
+        per_seed = dict(zip(args.seeds, pool.map(evaluate_one, args.seeds)))
 
     minutes = (time.perf_counter() - began) / 60
     settings = {key: getattr(args, key) for key in vars(args)} | {"minutes": minutes}

@@ -122,13 +122,17 @@ def test_world_batches_are_seeded_by_step():
     assert scenes[0] == toy_world.sample_scene(rng)
 
 
-def _run(tmp_path, steps, stop_after=None):
-    """Train a small regression for `steps` steps, optionally stopping after `stop_after` and resuming."""
+def _run(tmp_path, steps, stop_after=None, ema_decay=None, seen=None):
+    """Train a small regression for `steps` steps, optionally stopping after `stop_after` and resuming.
+
+    `seen`, a list, receives the weights each step starts from."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     target = torch.nn.Linear(3, 2)
 
     def loss_at_step(step):
+        if seen is not None:
+            seen.append(model.weight.detach().clone())
         x = torch.randn(8, 3, generator=torch.Generator().manual_seed(step))
         return (model(x) - target(x).detach()).pow(2).mean()
 
@@ -138,10 +142,13 @@ def _run(tmp_path, steps, stop_after=None):
         return torch.optim.AdamW(m.parameters(), lr=0.05)
 
     if stop_after is not None:
-        train_phase("test", checkpoint, model, optimizer_for(model), stop_after, loss_at_step, checkpoint_every=2)
+        train_phase(
+            "test", checkpoint, model, optimizer_for(model), stop_after, loss_at_step, checkpoint_every=2,
+            ema_decay=ema_decay,
+        )  # fmt: skip
         model = torch.nn.Linear(3, 2)  # a fresh process: new model, new optimizer, state from the file only
     optimizer = optimizer_for(model)
-    train_phase("test", checkpoint, model, optimizer, steps, loss_at_step, checkpoint_every=2)
+    train_phase("test", checkpoint, model, optimizer, steps, loss_at_step, checkpoint_every=2, ema_decay=ema_decay)
     return model
 
 
@@ -153,6 +160,23 @@ def test_a_resumed_phase_ends_where_an_uninterrupted_one_does(tmp_path):
     # and it did learn something: the same run without the resume differs from the starting weights
     torch.manual_seed(0)
     assert not torch.equal(torch.nn.Linear(3, 2).weight, straight.weight)
+
+
+def test_a_phase_with_a_moving_average_ends_holding_it_also_when_resumed(tmp_path):
+    seen = []
+    last = _run(tmp_path / "plain", steps=9, seen=seen).weight.detach()
+    trajectory = [*seen, last]  # the weights before steps 0..8, then after the last one
+    expected = trajectory[0].clone()
+    for weights in trajectory[1:]:
+        expected = 0.7 * expected + 0.3 * weights
+    straight = _run(tmp_path / "a", steps=9, ema_decay=0.7)
+    resumed = _run(tmp_path / "b", steps=9, stop_after=4, ema_decay=0.7)
+    torch.testing.assert_close(straight.weight.detach(), expected)
+    torch.testing.assert_close(resumed.weight.detach(), expected)
+    assert not torch.allclose(expected, last)
+    # a finished phase run again loads the average too
+    again = _run(tmp_path / "a", steps=9, ema_decay=0.7)
+    torch.testing.assert_close(again.weight.detach(), expected)
 
 
 def test_checkpoint_round_trip_restores_weights_moments_and_step(tmp_path):
