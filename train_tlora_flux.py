@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 import pipelines.tlora  # noqa: F401  (gives the stock pipelines load_tlora_weights, used in validation)
 from pipelines.tlora.families import FLUX
-from scripts.arguments import positive_int
+from scripts.arguments import bounded_float, positive_int
 from training.adapter import attach_adapter, tlora_config_from_args
 from training.arguments import build_parser, check_args, check_model_family
 from training.checkpoints import register_checkpoint_hooks, save_checkpoint
@@ -89,6 +89,8 @@ DEFAULTS = {
 }
 MAX_SEQUENCE_LENGTH = 512  # T5's limit in FLUX.1
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+# The mode density of the SD3 paper (Esser et al. 2024, eq. 20) is a density on [0, 1] only for -1 <= s <= 2/(pi-2).
+MODE_SCALE = bounded_float(-1, 2 / (math.pi - 2))
 TRACKER_NAME = "tlora-flux"
 MODEL_CARD = CardFacts(
     model_name="FLUX.1",
@@ -130,14 +132,14 @@ def parse_args(input_args=None):
     validation = groups["validation"]
     validation.add_argument(
         "--validation_guidance_scale",
-        type=float,
+        type=bounded_float(0),
         default=3.5,
         help="Guidance of validation and class images (FLUX.1-dev samples with 3.5).",
     )
     optimization = groups["optimization"]
     optimization.add_argument(
         "--guidance_scale",
-        type=float,
+        type=bounded_float(0),
         default=1.0,
         help="Guidance the guidance-distilled transformer is given in training (the authors train with 1).",
     )
@@ -147,9 +149,13 @@ def parse_args(input_args=None):
         default="none",
         help='How t is drawn and the loss weighted (SD3 paper); "none": t uniform, weight 1, as the authors.',
     )
-    optimization.add_argument("--logit_mean", type=float, default=0.0, help="Mean of logit_normal.")
-    optimization.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of logit_normal.")
-    optimization.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode weighting scheme.")
+    optimization.add_argument("--logit_mean", type=bounded_float(), default=0.0, help="Mean of logit_normal.")
+    optimization.add_argument(
+        "--logit_std", type=bounded_float(0, low_open=True), default=1.0, help="Standard deviation of logit_normal."
+    )
+    optimization.add_argument(
+        "--mode_scale", type=MODE_SCALE, default=1.29, help="Scale of the mode weighting scheme, from -1 to 1.75."
+    )
     parser.set_defaults(**DEFAULTS)
     args = parser.parse_args(input_args)
     check_args(parser, args, FLUX)
@@ -157,11 +163,6 @@ def parse_args(input_args=None):
         parser.error(f"--max_sequence_length must be at most {MAX_SEQUENCE_LENGTH}, got {args.max_sequence_length}")
     if args.resolution % 16:
         parser.error(f"--resolution must be divisible by 16 (FLUX packs 2x2 latent patches), got {args.resolution}")
-    for flag in ("guidance_scale", "validation_guidance_scale"):
-        if not math.isfinite(getattr(args, flag)):
-            parser.error(f"--{flag} must be a finite number, got {getattr(args, flag)}")
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
     if args.base_quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         parser.error(f"--base_quantization {args.base_quantization} needs bitsandbytes (pip install bitsandbytes)")
     check_model_family(parser, args, FLUX)
