@@ -51,7 +51,7 @@ from training.checkpoints import register_checkpoint_hooks, save_checkpoint
 from training.data import DreamBoothDataset, make_dataloader, training_prompts
 from training.errors import InputError, run_with_exit_codes
 from training.latents import batch_moments, denormalize_latents, latent_cache, sample_latents
-from training.model_card import CardFacts
+from training.model_card import CardFacts, License
 from training.optim import make_lr_scheduler, make_optimizer
 from training.run import (
     check_inputs,
@@ -85,7 +85,7 @@ TRACKER_NAME = "tlora-sdxl"
 MODEL_CARD = CardFacts(
     model_name="Stable Diffusion XL",
     pipeline_class="StableDiffusionXLPipeline",
-    license="openrail++",
+    license=License("openrail++"),
     tags=("text-to-image", "diffusers", "lora", "t-lora", "stable-diffusion-xl", "template:sd-lora"),
     torch_dtype="torch.float16",
 )

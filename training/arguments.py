@@ -23,7 +23,7 @@ from scripts.arguments import bounded_float, bounded_int, non_negative_int, outp
 
 from .checkpoints import explicit_checkpoint
 from .data import DATASETS_MISSING, instance_image_files
-from .errors import InputError
+from .errors import BAD_INPUT_EXIT_CODE, InputError, is_main_process
 
 # The script that trains each family, for the message when a model is given to the wrong one.
 TRAINING_SCRIPTS = {"sdxl": "train_tlora_sdxl.py", "flux": "train_tlora_flux.py"}
@@ -35,9 +35,19 @@ MAX_REPEATS = 10_000
 BETA = bounded_float(0, 1, high_open=True)  # Adam's moment decay rates: 1 would never forget, above 1 diverges
 
 
+class TrainingArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals, like the scripts' other `error:` lines, are printed by the main process only of a
+    multi-process launch; every process still exits with 2."""
+
+    def error(self, message: str):
+        if is_main_process():
+            super().error(message)
+        self.exit(BAD_INPUT_EXIT_CODE)
+
+
 def build_parser(description: str, family: ModelFamily) -> tuple[argparse.ArgumentParser, dict]:
     """The shared flags, in argument groups (returned by name, for the script to add its own flags to)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = TrainingArgumentParser(description=description)
     groups = {
         name: parser.add_argument_group(title)
         for name, title in (
