@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from accelerate.state import PartialState
 from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionXLPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -64,7 +65,7 @@ class Script:
     default_adapter: dict  # config of an adapter trained with the defaults (and --rank 8)
     tensor_suffixes: set
     target_modules: list
-    license: str
+    license: str | None  # of an adapter of the tiny fixture, a local folder
     tags: set
     card_sampling: str = ""  # the usage example's sampling settings: the validation defaults
     sampling: dict = field(default_factory=dict)  # extra pipeline arguments for a 64 px image
@@ -106,7 +107,7 @@ SCRIPTS = {
         default_adapter={"variant": "vanilla", "rank": 8, "min_rank": 1, "init": "normal", "model_family": "flux"},
         tensor_suffixes={"down", "up"},
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"],
-        license="other",
+        license=None,  # FLUX.1 models differ in licence, so none is stated for an unknown base model
         tags={"text-to-image", "diffusers", "lora", "t-lora", "flux", "flux-diffusers", "template:sd-lora"},
         card_sampling="num_inference_steps=28, guidance_scale=3.5",
         sampling={"height": RESOLUTION, "width": RESOLUTION, "max_sequence_length": 32},
@@ -385,6 +386,37 @@ def test_unreadable_image_is_named_before_any_model_is_loaded(script, tmp_path, 
     assert exit_info.value.code == 2
     assert re.search(r"error: .*broken\.png is not a readable image", capsys.readouterr().err)
     assert not output.exists()
+
+
+def test_only_the_main_process_prints_a_refusal(script, capsys, monkeypatch):
+    """Before accelerate's state exists, the rank that torchrun puts in the environment says which process
+    speaks; every process exits with 2."""
+    monkeypatch.setattr(PartialState, "_shared_state", {})
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            script.module.parse_args([*map(str, base_args(script, "m", "out")), "--rank", "0"])
+        assert exit_info.value.code == 2
+        assert ("error: argument --rank: must be an integer from 1" in capsys.readouterr().err) is printed
+
+
+@pytest.mark.slow
+def test_an_input_error_of_a_two_process_run_is_printed_once(tmp_path):
+    """Both processes of a DDP launch find the broken image and exit with 2; the main one says why."""
+    images = two_shapes(tmp_path / "images")
+    (images / "broken.png").write_bytes(b"this is not a PNG file")
+    script = SCRIPTS["sdxl"]  # the reporting is shared by the scripts
+    result = accelerate_launch(
+        script.file_name,
+        tmp_path,
+        ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())],
+        base_args(script, "unused", tmp_path / "out", images),
+        extra_env={"ACCELERATE_USE_CPU": "1"},
+        succeeds=False,
+    )
+    log = result.stdout + result.stderr
+    assert len(re.findall(r"^error: .*broken\.png is not a readable image", log, re.MULTILINE)) == 1
+    assert "exitcode  : 2" in log
 
 
 # --------------------------------------------------------------------------- a run with everything on
