@@ -52,7 +52,7 @@ from training.adapter import attach_adapter, tlora_config_from_args
 from training.arguments import build_parser, check_args, check_model_family
 from training.checkpoints import register_checkpoint_hooks, save_checkpoint
 from training.data import DreamBoothDataset, make_dataloader, training_prompts
-from training.errors import InputError, run_with_exit_codes
+from training.errors import InputError, loading, run_with_exit_codes
 from training.latents import batch_moments, latent_cache, sample_latents
 from training.model_card import CardFacts, License
 from training.optim import make_lr_scheduler, make_optimizer
@@ -223,9 +223,10 @@ def load_models(args, accelerator: Accelerator, prompts: list[str], dtype) -> Mo
     them; only then move (and quantise) the transformer, so the text encoders and the transformer never share
     the accelerator's memory."""
     device = accelerator.device
-    base = FluxPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=dtype
-    )
+    with loading("--pretrained_model_name_or_path", args.pretrained_model_name_or_path):
+        base = FluxPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=dtype
+        )
     for component in (base.text_encoder, base.text_encoder_2, base.vae, base.transformer):
         component.requires_grad_(False)
     base.text_encoder.to(device)

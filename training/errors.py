@@ -9,6 +9,7 @@ process prints the `error:` line: one message, not one per GPU.
 
 import os
 import sys
+from contextlib import contextmanager
 
 HUB_FAILED_EXIT_CODE = 1
 BAD_INPUT_EXIT_CODE = 2  # also argparse's code for a bad command line
@@ -17,6 +18,17 @@ INTERRUPTED_EXIT_CODE = 130
 
 class InputError(ValueError):
     """A bad training input (image, folder, checkpoint, model), reported before any training work."""
+
+
+@contextmanager
+def loading(flag: str, name: str):
+    """Turn a failure to load the model that `flag` names (missing files, an unknown repo id, a wrong revision or
+    variant) into an `InputError` naming the flag."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        first_line = next(iter(str(error).splitlines()), type(error).__name__)
+        raise InputError(f"{flag}: cannot load {name}: {first_line}") from None
 
 
 class HubError(RuntimeError):
