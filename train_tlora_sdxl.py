@@ -116,12 +116,6 @@ def parse_args(input_args=None):
         default=None,
         help="Min-SNR loss weighting gamma (5.0 is common); off by default.",
     )
-    groups["hub"].add_argument(
-        "--export_for_tools",
-        action="store_true",
-        help="Also write, next to the adapter (and upload with --push_to_hub), the file ComfyUI's 'Load T-LoRA "
-        "(Bypass)' node loads and a standard LoRA at full rank in kohya's layout (ComfyUI LoraLoader, A1111, kohya).",
-    )
     groups["system"].add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
     )

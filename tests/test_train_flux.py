@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import sys
 import weakref
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 
 import pipelines.tlora as tl
 import train_tlora_flux as train
@@ -281,3 +283,21 @@ def test_the_model_card_states_the_licence_of_the_base_model(base_model, tmp_pat
     )  # fmt: skip
     assert text in card.text
     assert ("Non-Commercial" in card.text) == (base_model == "black-forest-labs/FLUX.1-dev")
+
+
+@pytest.mark.slow
+def test_export_for_tools_writes_a_standard_lora_in_diffusers_layout(tiny_flux_dir, tiny_flux_pipe, tmp_path):
+    output = tmp_path / "my-toy"
+    run_main(train, *SMALL_RUN, *MINIMAL[2:], "--pretrained_model_name_or_path", tiny_flux_dir, "--output_dir", output,
+             "--optimizer", "adamw", "--mixed_precision", "no", "--max_train_steps", "1", "--export_for_tools")  # fmt: skip
+    lora = "my-toy_lora-rank8.safetensors"  # not diffusers' standard name: the folder holds the T-LoRA file
+    assert sorted(path.name for path in output.glob("*.safetensors")) == [lora, tl.WEIGHT_NAME]
+    assert not list(output.glob("*tlora-node*"))  # ComfyUI's T-LoRA node loads UNet adapters only
+    tensors = load_file(output / lora)
+    assert tensors and all(re.fullmatch(r"transformer\..+\.lora_[AB]\.weight", key) for key in tensors)
+    assert f"| `{lora}` | diffusers' `load_lora_weights" in (output / "README.md").read_text()
+    read_adapter(output)  # the folder still reads as one T-LoRA adapter
+    before = generate(tiny_flux_pipe, PROMPT, steps=2, height=64, width=64, max_sequence_length=32)[0]
+    tiny_flux_pipe.load_lora_weights(output, weight_name=lora)
+    after = generate(tiny_flux_pipe, PROMPT, steps=2, height=64, width=64, max_sequence_length=32)[0]
+    assert np.abs(after - before).max() > 1e-4

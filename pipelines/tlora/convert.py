@@ -524,7 +524,8 @@ def export_lora(
     module names this package does not write).
 
     `out` is a `.safetensors` file or a folder, which receives `pytorch_lora_weights.safetensors` for diffusers
-    and `<adapter>_lora-rank<K>.safetensors` for the other tools.
+    and `<adapter>_lora-rank<K>.safetensors` for the other tools (and for diffusers in a folder that holds a
+    T-LoRA file).
     """
     if timestep is not None and rank is not None:
         raise ValueError("Give a timestep or a rank to freeze at, not both.")
@@ -541,8 +542,11 @@ def export_lora(
     lora_format = TOOL_FORMATS[tool]
     lora_rank = rank if config.variant == "vanilla" else 2 * rank
     tool_name = f"{adapter_name(source)}_lora-rank{lora_rank}.safetensors"
-    name = LORA_WEIGHT_NAME if lora_format == "diffusers" else tool_name
-    target = _export_target(Path(out).expanduser(), name)
+    out = Path(out).expanduser()
+    # diffusers' standard name, except beside a T-LoRA file: a folder holding both layouts is ambiguous to read
+    beside_adapter = (out / WEIGHT_NAME).is_file()
+    name = LORA_WEIGHT_NAME if lora_format == "diffusers" and not beside_adapter else tool_name
+    target = _export_target(out, name)
     _check_free([target], overwrite)
     tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), lora_format, family_of_config(config))
     description = describe_export(config, rank)
