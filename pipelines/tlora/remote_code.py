@@ -27,7 +27,6 @@ import diffusers
 
 from .families import SDXL, get_family
 from .file_format import write_atomically
-from .limits import quote
 from .version import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -182,8 +181,8 @@ def describe_loader_files(folder: str | os.PathLike) -> str:
     first_line = _first_line(pipeline)
     if not _generated(pipeline):
         return f"{PIPELINE_FILE} was not written by pipelines.tlora"
-    version = first_line.removeprefix(GENERATED_MARKER).split()[:1]
-    return f"{PIPELINE_FILE} and {MODULE_PREFIX}*.py, written by pipelines.tlora {quote(' '.join(version))}"
+    version = " ".join(first_line.removeprefix(GENERATED_MARKER).split()[:1]) or "(no version)"
+    return f"{PIPELINE_FILE} and {MODULE_PREFIX}*.py, written by pipelines.tlora {version}"
 
 
 def _first_line(path: Path) -> str:
