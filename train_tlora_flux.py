@@ -47,14 +47,14 @@ from tqdm.auto import tqdm
 
 import pipelines.tlora  # noqa: F401  (gives the stock pipelines load_tlora_weights, used in validation)
 from pipelines.tlora.families import FLUX
-from scripts.arguments import positive_int
+from scripts.arguments import bounded_float, finite_float, positive_int
 from training.adapter import attach_adapter, tlora_config_from_args
 from training.arguments import build_parser, check_args, check_model_family
 from training.checkpoints import register_checkpoint_hooks, save_checkpoint
 from training.data import DreamBoothDataset, make_dataloader, training_prompts
-from training.errors import InputError, run_with_exit_codes
+from training.errors import InputError, loading, run_with_exit_codes
 from training.latents import batch_moments, latent_cache, sample_latents
-from training.model_card import CardFacts
+from training.model_card import CardFacts, License
 from training.optim import make_lr_scheduler, make_optimizer
 from training.quantization import QUANTIZATIONS, QuantizationError, check_quantization, quantize_linear_layers
 from training.run import (
@@ -89,22 +89,46 @@ DEFAULTS = {
 }
 MAX_SEQUENCE_LENGTH = 512  # T5's limit in FLUX.1
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+# The mode density of the SD3 paper (Esser et al. 2024, eq. 20) is a density on [0, 1] only for -1 <= s <= 2/(pi-2).
+MODE_SCALE = bounded_float(-1, 2 / (math.pi - 2))
 TRACKER_NAME = "tlora-flux"
+FLUX_DEV_LICENSE = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
 MODEL_CARD = CardFacts(
     model_name="FLUX.1",
     pipeline_class="FluxPipeline",
-    license="other",
-    license_name="flux-1-dev-non-commercial-license",
-    license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+    # FLUX.1 models come under different licences; for a base model not named below the card states none
+    license=License(
+        None,
+        note="""
+## License
+
+The adapter is a derivative of its base model and carries the base model's licence.
+""",
+    ),
+    base_model_licenses={
+        "black-forest-labs/flux.1-dev": License(
+            "other",
+            "flux-1-dev-non-commercial-license",
+            FLUX_DEV_LICENSE,
+            note=f"""
+## License
+
+The adapter is a derivative of FLUX.1 [dev] and carries its licence, the
+[FLUX.1 [dev] Non-Commercial License]({FLUX_DEV_LICENSE}).
+""",
+        ),
+        "black-forest-labs/flux.1-schnell": License(
+            "apache-2.0",
+            note="""
+## License
+
+The adapter is a derivative of FLUX.1 [schnell] and carries its licence, Apache 2.0.
+""",
+        ),
+    },
     tags=("text-to-image", "diffusers", "lora", "t-lora", "flux", "flux-diffusers", "template:sd-lora"),
     torch_dtype="torch.bfloat16",
     sampling_guidance_flag="validation_guidance_scale",
-    license_note="""
-## License
-
-The adapter is a derivative of its base model and carries its licence: for FLUX.1 [dev], the
-[FLUX.1 [dev] Non-Commercial License](https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md).
-""",
 )
 
 
@@ -130,14 +154,14 @@ def parse_args(input_args=None):
     validation = groups["validation"]
     validation.add_argument(
         "--validation_guidance_scale",
-        type=float,
+        type=bounded_float(0),
         default=3.5,
         help="Guidance of validation and class images (FLUX.1-dev samples with 3.5).",
     )
     optimization = groups["optimization"]
     optimization.add_argument(
         "--guidance_scale",
-        type=float,
+        type=bounded_float(0),
         default=1.0,
         help="Guidance the guidance-distilled transformer is given in training (the authors train with 1).",
     )
@@ -147,9 +171,13 @@ def parse_args(input_args=None):
         default="none",
         help='How t is drawn and the loss weighted (SD3 paper); "none": t uniform, weight 1, as the authors.',
     )
-    optimization.add_argument("--logit_mean", type=float, default=0.0, help="Mean of logit_normal.")
-    optimization.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of logit_normal.")
-    optimization.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode weighting scheme.")
+    optimization.add_argument("--logit_mean", type=finite_float, default=0.0, help="Mean of logit_normal.")
+    optimization.add_argument(
+        "--logit_std", type=bounded_float(0, low_open=True), default=1.0, help="Standard deviation of logit_normal."
+    )
+    optimization.add_argument(
+        "--mode_scale", type=MODE_SCALE, default=1.29, help="Scale of the mode weighting scheme, from -1 to 1.75."
+    )
     parser.set_defaults(**DEFAULTS)
     args = parser.parse_args(input_args)
     check_args(parser, args, FLUX)
@@ -157,11 +185,6 @@ def parse_args(input_args=None):
         parser.error(f"--max_sequence_length must be at most {MAX_SEQUENCE_LENGTH}, got {args.max_sequence_length}")
     if args.resolution % 16:
         parser.error(f"--resolution must be divisible by 16 (FLUX packs 2x2 latent patches), got {args.resolution}")
-    for flag in ("guidance_scale", "validation_guidance_scale"):
-        if not math.isfinite(getattr(args, flag)):
-            parser.error(f"--{flag} must be a finite number, got {getattr(args, flag)}")
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
     if args.base_quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         parser.error(f"--base_quantization {args.base_quantization} needs bitsandbytes (pip install bitsandbytes)")
     check_model_family(parser, args, FLUX)
@@ -200,9 +223,10 @@ def load_models(args, accelerator: Accelerator, prompts: list[str], dtype) -> Mo
     them; only then move (and quantise) the transformer, so the text encoders and the transformer never share
     the accelerator's memory."""
     device = accelerator.device
-    base = FluxPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=dtype
-    )
+    with loading("--pretrained_model_name_or_path", args.pretrained_model_name_or_path):
+        base = FluxPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=dtype
+        )
     for component in (base.text_encoder, base.text_encoder_2, base.vae, base.transformer):
         component.requires_grad_(False)
     base.text_encoder.to(device)

@@ -49,9 +49,9 @@ from training.adapter import attach_adapter, tlora_config_from_args
 from training.arguments import build_parser, check_args, check_model_family, check_resolution
 from training.checkpoints import register_checkpoint_hooks, save_checkpoint
 from training.data import DreamBoothDataset, make_dataloader, training_prompts
-from training.errors import InputError, run_with_exit_codes
+from training.errors import loading, run_with_exit_codes
 from training.latents import batch_moments, denormalize_latents, latent_cache, sample_latents
-from training.model_card import CardFacts
+from training.model_card import CardFacts, License
 from training.optim import make_lr_scheduler, make_optimizer
 from training.run import (
     check_inputs,
@@ -85,7 +85,7 @@ TRACKER_NAME = "tlora-sdxl"
 MODEL_CARD = CardFacts(
     model_name="Stable Diffusion XL",
     pipeline_class="StableDiffusionXLPipeline",
-    license="openrail++",
+    license=License("openrail++"),
     tags=("text-to-image", "diffusers", "lora", "t-lora", "stable-diffusion-xl", "template:sd-lora"),
     torch_dtype="torch.float16",
 )
@@ -116,12 +116,6 @@ def parse_args(input_args=None):
         default=None,
         help="Min-SNR loss weighting gamma (5.0 is common); off by default.",
     )
-    groups["hub"].add_argument(
-        "--export_for_tools",
-        action="store_true",
-        help="Also write, next to the adapter (and upload with --push_to_hub), the file ComfyUI's 'Load T-LoRA "
-        "(Bypass)' node loads and a standard LoRA at full rank in kohya's layout (ComfyUI LoraLoader, A1111, kohya).",
-    )
     groups["system"].add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
     )
@@ -139,16 +133,13 @@ def parse_args(input_args=None):
 
 def _load_base_pipeline(args, device, dtype) -> StableDiffusionXLPipeline:
     extra = {}
-    flag = "--pretrained_vae_model_name_or_path"
-    try:
-        if args.pretrained_vae_model_name_or_path is not None:
+    if args.pretrained_vae_model_name_or_path is not None:
+        with loading("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path):
             extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
-        flag = "--pretrained_model_name_or_path"
+    with loading("--pretrained_model_name_or_path", args.pretrained_model_name_or_path):
         pipeline = StableDiffusionXLPipeline.from_pretrained(
             args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **extra
         )
-    except (OSError, ValueError) as error:  # missing files, unknown repo ids, wrong revisions or variants
-        raise InputError(f"{flag}: cannot load {getattr(args, flag[2:])}: {str(error).splitlines()[0]}") from None
     check_resolution(args.resolution, pipeline.unet, pipeline.vae)
     # The frozen models run in the mixed-precision dtype, except the VAE: the SD-XL VAE overflows in fp16.
     cast = {} if dtype == torch.float32 else {"dtype": dtype}

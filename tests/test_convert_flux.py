@@ -328,9 +328,9 @@ def test_damaged_and_misplaced_flux_files_are_refused(flux_transformer, tiny_flu
     weights.write_bytes(data[: len(data) // 2])
     assert_refused(capsys, "import-official", checkpoint, tmp_path / "out", match="truncated or damaged")
 
-    # a classic pickle stream (not torch's zip format) holding code is refused as well
+    # a classic pickle stream (not torch's zip format) holding code is refused unread
     weights.write_bytes(pickle.dumps({"a": NotATensor()}))
-    assert_refused(capsys, "import-official", checkpoint, tmp_path / "out", match="weights-only")
+    assert_refused(capsys, "import-official", checkpoint, tmp_path / "out", match="pickle, which is never read")
 
     # the authors' lora.pt is converted, never loaded as an adapter
     with pytest.raises(tl.TLoraFileError, match="import-official"):

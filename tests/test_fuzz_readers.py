@@ -1,6 +1,7 @@
 """Every reader of user files fed malformed and adversarial inputs: a clear error, in bounded memory.
 
-Readers: the adapter file (read and loaded into the tiny UNet), the authors' checkpoint folder, its hparams.yml
+Readers: the adapter file (read and loaded into the tiny UNet), the authors' checkpoint folder, its hparams.yml,
+the authors' FLUX `lora.pt` (a torch pickle), the training run's loss history, the loader files of an adapter folder
 and the evaluator's prompt file. Each case is a file as a hostile or damaged source could make it (truncated,
 deeply nested, claiming huge sizes, wrong dtypes, wrong JSON or YAML types). A case passes when the reader
 raises the package's own error type (the command-line tools print it as one `error:` line and exit with 2)
@@ -10,10 +11,14 @@ process grows less than `PROCESS_BYTES` (generous bounds: the failures they catc
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import resource
 import struct
 import tracemalloc
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,9 @@ from safetensors.torch import save_file
 
 import pipelines.tlora as tl
 from pipelines.tlora import convert
+from pipelines.tlora.remote_code import describe_loader_files, write_loader_files
 from scripts import convert_tlora, evaluate
+from training.card_assets import read_loss_history
 
 PYTHON_BYTES = 64 << 20
 PROCESS_BYTES = 512 << 20
@@ -290,6 +297,120 @@ def test_a_valid_authors_checkpoint_imports(tmp_path):
     assert (result.config.rank, result.config.min_rank, result.config.variant) == (RANK, 2, "vanilla")
 
 
+# --------------------------------------------------------------------------- the authors' FLUX lora.pt
+
+FLUX_KEY = "transformer_blocks.0.attn.processor.to_q_lora.down.weight"
+
+
+def _saved(make_object):
+    def make(tmp_path):
+        path = tmp_path / "saved.pt"
+        torch.save(make_object(), path)
+        return path.read_bytes()
+
+    return make
+
+
+def _with_data_pickle(stream: bytes):
+    """A torch zip archive whose data.pkl is `stream`, as a hostile writer could make it."""
+
+    def make(tmp_path):
+        archive = _saved(lambda: {FLUX_KEY: torch.zeros(2)})(tmp_path)
+        with zipfile.ZipFile(io.BytesIO(archive)) as source:
+            entries = {info.filename: source.read(info) for info in source.infolist()}
+        entries[next(name for name in entries if name.endswith("/data.pkl"))] = stream
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as target:
+            for name, data in entries.items():
+                target.writestr(name, data)
+        return out.getvalue()
+
+    return make
+
+
+def _legacy_format(tmp_path):
+    torch.save({FLUX_KEY: torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    return (tmp_path / "legacy.pt").read_bytes()
+
+
+class _Rebuilt:
+    """Pickles as a tensor of `size` over a storage of `numel` floats: sizes the stored data cannot back."""
+
+    def __init__(self, numel: int, size: tuple):
+        self.numel, self.size = numel, size
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (_StorageId(self.numel), 0, self.size, (1,), False, OrderedDict())
+
+
+class _StorageId:
+    def __init__(self, numel: int):
+        self.numel = numel
+
+
+class _TorchPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", torch.FloatStorage, "0", "cpu", obj.numel) if isinstance(obj, _StorageId) else None
+
+
+def _claimed_sizes(numel: int, size: tuple):
+    stream = io.BytesIO()
+    _TorchPickler(stream, protocol=2).dump({FLUX_KEY: _Rebuilt(numel, size)})
+    return _with_data_pickle(stream.getvalue())
+
+
+def _truncated_pt(tmp_path):
+    return _saved(lambda: {FLUX_KEY: torch.zeros(64)})(tmp_path)[:-100]
+
+
+class _Global:
+    def __reduce__(self):
+        return print, ("unpickled",)
+
+
+FLUX_PICKLES = {
+    "empty": (lambda tmp_path: b"", "not a readable torch file"),
+    "truncated": (_truncated_pt, "not a readable torch file"),
+    "legacy format": (_legacy_format, "a plain or legacy-format pickle, which is never read"),
+    "a plain pickle with a GLOBAL": (
+        lambda tmp_path: pickle.dumps({FLUX_KEY: _Global()}),
+        "a plain or legacy-format pickle, which is never read",
+    ),
+    "a torch file with a GLOBAL": (
+        _saved(lambda: {FLUX_KEY: _Global()}),
+        "needs more than weights-only unpickling \\(it holds a print object\\)",
+    ),
+    "a list": (_saved(lambda: [torch.zeros(2)]), "holds a list; the authors' checkpoints are dicts"),
+    "nested dicts": (_saved(lambda: {"a": {FLUX_KEY: torch.zeros(2)}}), "entries 'a' are not named tensors"),
+    "a key of a million characters": (
+        _saved(lambda: {FLUX_KEY: torch.zeros(2), "k" * 1_000_000: torch.zeros(2)}),
+        r"Unexpected key 'k{100,240}\.\.\.k{100,240}': the authors'",
+    ),
+    "an unhashable key": (_with_data_pickle(b"\x80\x02}]K\x01s."), "not a readable torch file .*unhashable"),
+    "a key nested a million deep": (
+        _with_data_pickle(b"\x80\x02}N" + b"\x85" * 1_000_000 + b"K\x01s."),
+        "data.pkl nests deeper than 32 levels",
+    ),
+    "a data.pkl of 2 MB": (_with_data_pickle(b"\x80\x02]" + b"Na" * 1_000_000 + b"."), "at most 1,048,576 are read"),
+    "integer tensors": (_saved(lambda: {FLUX_KEY: torch.zeros(2, dtype=torch.int64)}), "has dtype torch.int64"),
+    "float8 tensors": (_saved(lambda: {FLUX_KEY: torch.zeros(2).to(torch.float8_e4m3fn)}), "dtype torch.float8"),
+    "a sparse tensor": (_saved(lambda: {FLUX_KEY: torch.zeros(2).to_sparse()}), "has layout torch.sparse_coo"),
+    "a size beyond its storage": (_claimed_sizes(2, (1000,)), "not a readable torch file"),
+    "a storage of 10**12 elements": (_claimed_sizes(10**12, (10**12,)), "not a readable torch file"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLUX_PICKLES))
+def test_authors_flux_checkpoint(case, tmp_path):
+    make, message = FLUX_PICKLES[case]
+    checkpoint = tmp_path / "run" / "checkpoint-500"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "lora.pt").write_bytes(make(tmp_path))
+    out = tmp_path / "imported"
+    within_bounds(lambda: convert.import_official(checkpoint / "lora.pt", out), PACKAGE_ERRORS, message)
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- the evaluator's prompt file
 
 GOOD_PROMPTS = {"base_prompt": "a photo of {}", "num_complex": 1, "mine": ["a red {}", "a {} on a hill"]}
@@ -328,3 +449,54 @@ def test_a_valid_prompt_file_reads(tmp_path):
     path.write_text(json.dumps(GOOD_PROMPTS))
     prompts = evaluate.load_prompt_set(str(path), None)
     assert (prompts.contextual, prompts.complex) == (("a red {}",), ("a {} on a hill",))
+
+
+# --------------------------------------------------------------------------- files a training run or a tool reads back
+
+LOSS_HISTORIES = {
+    "a line cut short by a crash": ("step,loss\n1,0.5\n2,0.25\n3", [(1, 0.5), (2, 0.25)], 1),
+    "a line of 10 MB": ("step,loss\n1,0.5\n" + "9" * 10_000_000 + "\n2,0.25\n", [(1, 0.5), (2, 0.25)], 1),
+    "a NaN and a text loss": ("step,loss\n1,nan\n2,inf\n3,x\n4,0.1\n", [(4, 0.1)], 3),
+    "not UTF-8": (b"step,loss\n1,0.5\n\xff\xfe,0.1\n".decode("latin-1"), [(1, 0.5)], 1),
+}
+
+
+@pytest.mark.parametrize("case", list(LOSS_HISTORIES))
+def test_loss_history(case, tmp_path):
+    """The loss history only draws the card's curve: damaged lines are left out with a warning, never a crash."""
+    text, rows, skipped = LOSS_HISTORIES[case]
+    path = tmp_path / "loss.csv"
+    path.write_bytes(text.encode("latin-1"))
+    tracemalloc.start()
+    try:
+        with pytest.warns(UserWarning, match=f"{skipped} damaged lines left out"):
+            assert read_loss_history(path) == rows
+        _, python_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert python_peak < PYTHON_BYTES
+
+
+LOADER_FILES = {
+    "a pipeline.py of 10 MB on one line": (b"x" * 10_000_000, "pipeline.py was not written by pipelines.tlora"),
+    "a pipeline.py not UTF-8": (b"\xff\xfe" * 1000, "pipeline.py was not written by pipelines.tlora"),
+    "the marker without a version": (b"# Generated by pipelines.tlora", "written by pipelines.tlora (no version)"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOADER_FILES))
+def test_loader_files_of_an_adapter_folder(case, tmp_path):
+    """`inspect` describes, and writing the loader files refuses to replace, a pipeline.py of any content."""
+    content, description = LOADER_FILES[case]
+    (tmp_path / "pipeline.py").write_bytes(content)
+    tracemalloc.start()
+    try:
+        assert description in describe_loader_files(tmp_path)
+        if not content.startswith(b"# Generated"):
+            with pytest.raises(FileExistsError, match="pipeline.py exist and were not written by pipelines.tlora"):
+                write_loader_files(tmp_path)
+        _, python_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert python_peak < PYTHON_BYTES
+    assert (tmp_path / "pipeline.py").read_bytes() == content or content.startswith(b"# Generated")

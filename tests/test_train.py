@@ -5,23 +5,16 @@ both scripts in test_train_scripts.py.
 
 from __future__ import annotations
 
-import re
-import shutil
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from accelerate.state import PartialState
 from PIL import Image
 
 import pipelines.tlora as tl
 import train_tlora_sdxl as train
 from pipelines.tlora.families import SDXL
 from training.adapter import method_name, tlora_config_from_args
-from training.checkpoints import resume_checkpoint
 from training.data import make_record
 from training.errors import InputError
 
@@ -30,7 +23,6 @@ from tests.tlora_testing import (
     REPO_ROOT,
     fake_hub,
     generate,
-    max_difference,
     read_adapter,
     run_main,
 )
@@ -217,105 +209,6 @@ def test_export_for_tools_writes_and_uploads_the_files_other_tools_load(tiny_sdx
     card = (output / "README.md").read_text()
     assert f"| `{node}` | ComfyUI with the ComfyUI-T-LoRA custom nodes" in card
     assert f"| `{kohya}` | ComfyUI's LoraLoader" in card
-
-
-# --------------------------------------------------------------------------- runs that must not mix or lose work
-
-
-def test_a_second_run_into_a_used_folder_is_refused_unless_overwrite(tiny_sdxl_dir, tmp_path, caplog):
-    output = tmp_path / "out"
-    argv = base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "2", "--checkpointing_steps", "1")
-    run_main(train, *argv)
-    first = read_adapter(output)[0]
-    (output / "README.md").write_text("my notes")  # something of the user's in the folder
-    with pytest.raises(InputError, match="already holds files of another training run .* replace it with --overwrite"):
-        run_main(train, *argv, "--learning_rate", "5e-2")
-    (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="It holds no checkpoint of its own run"):
-        run_main(train, *argv, "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "new")
-    assert (output / "README.md").read_text() == "my notes"
-    assert max_difference(read_adapter(output)[0], first) == 0
-
-    run_main(train, *argv, "--learning_rate", "5e-2", "--max_train_steps", "1", "--overwrite")
-    assert max_difference(read_adapter(output)[0], first) > 0
-    # The earlier run's checkpoint-2 is gone; a later `latest` can only continue the new run.
-    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1"]
-    latest = resume_checkpoint(types.SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(output)))
-    assert latest == output / "checkpoint-1"
-
-
-def test_latest_never_continues_another_runs_checkpoint(tiny_sdxl_dir, tmp_path, caplog):
-    output = tmp_path / "out"
-    run_main(train, *base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "2", "--checkpointing_steps", "1"))
-    other = tmp_path / "other"
-    run_main(train, *base_args(tiny_sdxl_dir, other, None, "--max_train_steps", "3", "--checkpointing_steps", "3"))
-    shutil.copytree(other / "checkpoint-3", output / "checkpoint-3")  # e.g. a copy into the wrong folder
-    PartialState()  # accelerate's logger needs its state
-    latest = resume_checkpoint(types.SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(output)))
-    assert latest == output / "checkpoint-2"
-    assert "skipping checkpoint-3, of another run" in caplog.text
-
-
-def test_an_explicit_resume_keeps_the_checkpoint_it_writes_and_refuses_changed_optimizer_settings(
-    tiny_sdxl_dir, tmp_path
-):
-    output = tmp_path / "out"
-    argv = base_args(
-        tiny_sdxl_dir, output, None, "--max_train_steps", "4", "--checkpointing_steps", "1",
-        "--checkpoints_total_limit", "2",
-    )  # fmt: skip
-    run_main(train, *argv)
-    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
-    with pytest.raises(InputError, match=r"later checkpoints of this run \(checkpoint-4\); resuming from"):
-        run_main(train, *argv, "--resume_from_checkpoint", "checkpoint-3")
-    with pytest.raises(InputError, match="--learning_rate 0.01 in the checkpoint, 0.02 now"):
-        run_main(train, *argv, "--resume_from_checkpoint", "checkpoint-3", "--learning_rate", "2e-2", "--overwrite")
-
-    run_main(train, *argv, "--resume_from_checkpoint", "checkpoint-3", "--overwrite", "--max_train_steps", "5")
-    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
-    assert max_difference(read_adapter(output / "checkpoint-5")[0], read_adapter(output)[0]) == 0
-
-
-def test_a_diverging_run_stops_before_saving_anything_diverged(tiny_sdxl_dir, tmp_path, capsys, monkeypatch):
-    output = tmp_path / "out"
-    argv = base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "6", "--checkpointing_steps", "1")
-    argv[argv.index("--learning_rate") + 1] = "1e30"  # finite, accepted, and far too high
-    monkeypatch.setattr(sys, "argv", ["train_tlora_sdxl.py", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_info:
-        train.cli()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"error: training diverged at step (\d+): the gradients are (nan|inf) .*is intact\.", err)
-    diverged_at = int(re.search(r"step (\d+)", err).group(1))
-    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    assert [path.name for path in checkpoints] == [f"checkpoint-{n}" for n in range(1, diverged_at)]
-    assert all(torch.isfinite(t).all() for path in checkpoints for t in read_adapter(path)[0].values())
-    assert not (output / tl.WEIGHT_NAME).exists()
-
-
-AFTER_LOADING = {
-    "resolution too small": (["--resolution", "8"], "--resolution 8 is too small for this model: it needs at least"),
-    "target modules matching nothing": (["--target_modules", "to_nowhere"], "matches target_modules=['to_nowhere']"),
-    "rank wider than the model": (["--rank", "65536"], "Rank 65536 is larger than any adapted projection can hold"),
-    "unknown hub model": (["--pretrained_model_name_or_path", "nobody/no-model"], "cannot load nobody/no-model"),
-}
-
-
-@pytest.mark.parametrize("case", list(AFTER_LOADING))
-def test_what_only_the_loaded_model_can_refuse_ends_in_one_error_line(
-    case, tiny_sdxl_dir, tmp_path, capsys, monkeypatch
-):
-    extra, message = AFTER_LOADING[case]
-    argv = [*base_args(tiny_sdxl_dir, tmp_path / "out", None, "--max_train_steps", "1"), *extra]
-    monkeypatch.setattr(sys, "argv", ["train_tlora_sdxl.py", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_info:
-        train.cli()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
-    assert message in err.strip().splitlines()[-1]
-    assert not (tmp_path / "out" / tl.WEIGHT_NAME).exists()
 
 
 def test_an_image_far_from_square_is_refused_before_resizing(tmp_path):

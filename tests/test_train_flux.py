@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import sys
 import weakref
 
@@ -15,11 +16,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 
 import pipelines.tlora as tl
 import train_tlora_flux as train
 from pipelines.tlora.families import FLUX
 from training.adapter import method_name, tlora_config_from_args
+from training.model_card import write_model_card
 from training.run import make_accelerator
 
 from tests.tlora_testing import EXAMPLE_IMAGE, generate, read_adapter, run_main
@@ -257,3 +261,43 @@ def test_a_quantised_base_on_an_unsupported_device_stops_before_loading(tmp_path
     assert exit_info.value.code == 2
     assert "error: --base_quantization nf4: bitsandbytes cannot quantise on mps" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# The licence each base model's adapter carries, as the Hub's model pages state it.
+BASE_MODEL_LICENSES = {
+    "black-forest-labs/FLUX.1-dev": ("other", "flux-1-dev-non-commercial-license", "FLUX.1 [dev] Non-Commercial"),
+    "black-forest-labs/FLUX.1-schnell": ("apache-2.0", None, "Apache 2.0"),
+    "someone/flux-finetune": (None, None, "carries the base model's licence."),
+}
+
+
+@pytest.mark.parametrize("base_model", list(BASE_MODEL_LICENSES))
+def test_the_model_card_states_the_licence_of_the_base_model(base_model, tmp_path):
+    args = train.parse_args([*map(str, MINIMAL), "--output_dir", str(tmp_path)])
+    args.pretrained_model_name_or_path = base_model  # given as a Hub id: the check of a local folder is skipped
+    write_model_card(args, tlora_config_from_args(args, FLUX), train.MODEL_CARD, [], None, steps=1)
+    card = ModelCard.load(tmp_path / "README.md")
+    license_id, license_name, text = BASE_MODEL_LICENSES[base_model]
+    assert (card.data.license, card.data.get("license_name"), card.data.base_model) == (
+        license_id, license_name, base_model
+    )  # fmt: skip
+    assert text in card.text
+    assert ("Non-Commercial" in card.text) == (base_model == "black-forest-labs/FLUX.1-dev")
+
+
+@pytest.mark.slow
+def test_export_for_tools_writes_a_standard_lora_in_diffusers_layout(tiny_flux_dir, tiny_flux_pipe, tmp_path):
+    output = tmp_path / "my-toy"
+    run_main(train, *SMALL_RUN, *MINIMAL[2:], "--pretrained_model_name_or_path", tiny_flux_dir, "--output_dir", output,
+             "--optimizer", "adamw", "--mixed_precision", "no", "--max_train_steps", "1", "--export_for_tools")  # fmt: skip
+    lora = "my-toy_lora-rank8.safetensors"  # not diffusers' standard name: the folder holds the T-LoRA file
+    assert sorted(path.name for path in output.glob("*.safetensors")) == [lora, tl.WEIGHT_NAME]
+    assert not list(output.glob("*tlora-node*"))  # ComfyUI's T-LoRA node loads UNet adapters only
+    tensors = load_file(output / lora)
+    assert tensors and all(re.fullmatch(r"transformer\..+\.lora_[AB]\.weight", key) for key in tensors)
+    assert f"| `{lora}` | diffusers' `load_lora_weights" in (output / "README.md").read_text()
+    read_adapter(output)  # the folder still reads as one T-LoRA adapter
+    before = generate(tiny_flux_pipe, PROMPT, steps=2, height=64, width=64, max_sequence_length=32)[0]
+    tiny_flux_pipe.load_lora_weights(output, weight_name=lora)
+    after = generate(tiny_flux_pipe, PROMPT, steps=2, height=64, width=64, max_sequence_length=32)[0]
+    assert np.abs(after - before).max() > 1e-4

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from accelerate.state import PartialState
 from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionXLPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -64,7 +65,7 @@ class Script:
     default_adapter: dict  # config of an adapter trained with the defaults (and --rank 8)
     tensor_suffixes: set
     target_modules: list
-    license: str
+    license: str | None  # of an adapter of the tiny fixture, a local folder
     tags: set
     card_sampling: str = ""  # the usage example's sampling settings: the validation defaults
     sampling: dict = field(default_factory=dict)  # extra pipeline arguments for a 64 px image
@@ -106,7 +107,7 @@ SCRIPTS = {
         default_adapter={"variant": "vanilla", "rank": 8, "min_rank": 1, "init": "normal", "model_family": "flux"},
         tensor_suffixes={"down", "up"},
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"],
-        license="other",
+        license=None,  # FLUX.1 models differ in licence, so none is stated for an unknown base model
         tags={"text-to-image", "diffusers", "lora", "t-lora", "flux", "flux-diffusers", "template:sd-lora"},
         card_sampling="num_inference_steps=28, guidance_scale=3.5",
         sampling={"height": RESOLUTION, "width": RESOLUTION, "max_sequence_length": 32},
@@ -287,16 +288,27 @@ FAMILY_BAD_COMMAND_LINES = {
             [*DATA, "--max_sequence_length", "0"],
             "argument --max_sequence_length: must be an integer >= 1",
         ),
-        "negative guidance": ([*DATA, "--guidance_scale", "-1"], "--guidance_scale must not be negative"),
-        "guidance nan": ([*DATA, "--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan"),
+        "negative guidance": ([*DATA, "--guidance_scale=-1"], "argument --guidance_scale: must be a finite number >= 0"),
+        "guidance nan": ([*DATA, "--guidance_scale", "nan"], "argument --guidance_scale: must be a finite number >= 0"),
         "validation guidance inf": (
             [*DATA, "--validation_guidance_scale", "inf"],
-            "--validation_guidance_scale must be a finite number, got inf",
+            "argument --validation_guidance_scale: must be a finite number >= 0, got 'inf'",
         ),
         "negative validation guidance": (
-            [*DATA, "--validation_guidance_scale", "-0.5"],
-            "--validation_guidance_scale must not be negative",
+            [*DATA, "--validation_guidance_scale=-0.5"],
+            "argument --validation_guidance_scale: must be a finite number >= 0",
         ),
+        "logit mean nan": ([*DATA, "--logit_mean", "nan"], "argument --logit_mean: must be a finite number, got 'nan'"),
+        "logit mean -inf": ([*DATA, "--logit_mean=-inf"], "argument --logit_mean: must be a finite number, got '-inf'"),
+        "logit std 0": ([*DATA, "--logit_std", "0"], "argument --logit_std: must be a finite number > 0, got '0'"),
+        "logit std negative": ([*DATA, "--logit_std=-1"], "argument --logit_std: must be a finite number > 0"),
+        "logit std inf": ([*DATA, "--logit_std", "inf"], "argument --logit_std: must be a finite number > 0"),
+        "mode scale nan": ([*DATA, "--mode_scale", "nan"], "argument --mode_scale: must be a finite number >= -1"),
+        "mode scale too large": (
+            [*DATA, "--mode_scale", "2"],
+            "argument --mode_scale: must be a finite number >= -1 and <= 1.75194, got '2'",
+        ),
+        "mode scale below -1": ([*DATA, "--mode_scale=-1.5"], "argument --mode_scale: must be a finite number >= -1"),
         "unknown weighting": ([*DATA, "--weighting_scheme", "uniform"], "argument --weighting_scheme: invalid choice"),
         "resolution not divisible by 16": ([*DATA, "--resolution", "72"], "--resolution must be divisible by 16"),
         "an SD-XL model": (
@@ -374,6 +386,37 @@ def test_unreadable_image_is_named_before_any_model_is_loaded(script, tmp_path, 
     assert exit_info.value.code == 2
     assert re.search(r"error: .*broken\.png is not a readable image", capsys.readouterr().err)
     assert not output.exists()
+
+
+def test_only_the_main_process_prints_a_refusal(script, capsys, monkeypatch):
+    """Before accelerate's state exists, the rank that torchrun puts in the environment says which process
+    speaks; every process exits with 2."""
+    monkeypatch.setattr(PartialState, "_shared_state", {})
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            script.module.parse_args([*map(str, base_args(script, "m", "out")), "--rank", "0"])
+        assert exit_info.value.code == 2
+        assert ("error: argument --rank: must be an integer from 1" in capsys.readouterr().err) is printed
+
+
+@pytest.mark.slow
+def test_an_input_error_of_a_two_process_run_is_printed_once(tmp_path):
+    """Both processes of a DDP launch find the broken image and exit with 2; the main one says why."""
+    images = two_shapes(tmp_path / "images")
+    (images / "broken.png").write_bytes(b"this is not a PNG file")
+    script = SCRIPTS["sdxl"]  # the reporting is shared by the scripts
+    result = accelerate_launch(
+        script.file_name,
+        tmp_path,
+        ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())],
+        base_args(script, "unused", tmp_path / "out", images),
+        extra_env={"ACCELERATE_USE_CPU": "1"},
+        succeeds=False,
+    )
+    log = result.stdout + result.stderr
+    assert len(re.findall(r"^error: .*broken\.png is not a readable image", log, re.MULTILINE)) == 1
+    assert "exitcode  : 2" in log
 
 
 # --------------------------------------------------------------------------- a run with everything on
@@ -591,6 +634,124 @@ def test_a_failed_upload_keeps_the_local_result_and_says_why(script, base_model,
     assert "hf upload" in str(error.value)
     read_adapter(output)
     assert (output / "README.md").is_file()
+
+
+# --------------------------------------------------------------------------- runs that must not mix or lose work
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_used_folder_is_refused_unless_overwrite(script, base_model, tmp_path):
+    output = tmp_path / "out"
+    argv = base_args(script, base_model, output, None, "--max_train_steps", "2", "--checkpointing_steps", "1")
+    run_main(script.module, *argv)
+    first = read_adapter(output)[0]
+    (output / "README.md").write_text("my notes")  # something of the user's in the folder
+    with pytest.raises(InputError, match="already holds files of another training run .* replace it with --overwrite"):
+        run_main(script.module, *argv, "--learning_rate", "5e-2")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="It holds no checkpoint of its own run"):
+        run_main(script.module, *argv, "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "new")
+    assert (output / "README.md").read_text() == "my notes"
+    assert max_difference(read_adapter(output)[0], first) == 0
+
+    run_main(script.module, *argv, "--learning_rate", "5e-2", "--max_train_steps", "1", "--overwrite")
+    assert max_difference(read_adapter(output)[0], first) > 0
+    # The earlier run's checkpoint-2 is gone; a later `latest` can only continue the new run.
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    latest = resume_checkpoint(types.SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(output)))
+    assert latest == output / "checkpoint-1"
+
+
+@pytest.mark.slow
+def test_latest_never_continues_another_runs_checkpoint(script, base_model, tmp_path, caplog):
+    output = tmp_path / "out"
+    run_main(script.module, *base_args(script, base_model, output, None, "--max_train_steps", "2",
+                                       "--checkpointing_steps", "1"))  # fmt: skip
+    other = tmp_path / "other"
+    run_main(script.module, *base_args(script, base_model, other, None, "--max_train_steps", "3",
+                                       "--checkpointing_steps", "3"))  # fmt: skip
+    shutil.copytree(other / "checkpoint-3", output / "checkpoint-3")  # e.g. a copy into the wrong folder
+    PartialState()  # accelerate's logger needs its state
+    latest = resume_checkpoint(types.SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(output)))
+    assert latest == output / "checkpoint-2"
+    assert "skipping checkpoint-3, of another run" in caplog.text
+
+
+@pytest.mark.slow
+def test_an_explicit_resume_keeps_the_checkpoint_it_writes_and_refuses_changed_optimizer_settings(
+    script, base_model, tmp_path
+):
+    output = tmp_path / "out"
+    argv = base_args(
+        script, base_model, output, None, "--max_train_steps", "4", "--checkpointing_steps", "1",
+        "--checkpoints_total_limit", "2",
+    )  # fmt: skip
+    run_main(script.module, *argv)
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    with pytest.raises(InputError, match=r"later checkpoints of this run \(checkpoint-4\); resuming from"):
+        run_main(script.module, *argv, "--resume_from_checkpoint", "checkpoint-3")
+    with pytest.raises(InputError, match="--learning_rate 0.01 in the checkpoint, 0.02 now"):
+        run_main(script.module, *argv, "--resume_from_checkpoint", "checkpoint-3", "--learning_rate", "2e-2",
+                 "--overwrite")  # fmt: skip
+
+    run_main(script.module, *argv, "--resume_from_checkpoint", "checkpoint-3", "--overwrite", "--max_train_steps", "5")
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert max_difference(read_adapter(output / "checkpoint-5")[0], read_adapter(output)[0]) == 0
+
+
+def run_cli(script: Script, argv: list, monkeypatch) -> int:
+    """Run the script as its command line does; returns the exit code."""
+    monkeypatch.setattr(sys, "argv", [script.file_name, *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_info:
+        script.module.cli()
+    return exit_info.value.code
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_before_saving_anything_diverged(script, base_model, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "out"
+    argv = base_args(script, base_model, output, None, "--max_train_steps", "6", "--checkpointing_steps", "1")
+    argv[argv.index("--learning_rate") + 1] = "1e30"  # finite, accepted, and far too high
+    assert run_cli(script, argv, monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: training diverged at step (\d+): the gradients are (nan|inf) .*is intact\.", err)
+    diverged_at = int(re.search(r"step (\d+)", err).group(1))
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert [path.name for path in checkpoints] == [f"checkpoint-{n}" for n in range(1, diverged_at)]
+    assert all(torch.isfinite(t).all() for path in checkpoints for t in read_adapter(path)[0].values())
+    assert not (output / tl.WEIGHT_NAME).exists()
+
+
+AFTER_LOADING = {
+    "target modules matching nothing": (["--target_modules", "to_nowhere"], "matches target_modules=['to_nowhere']"),
+    "rank wider than the model": (["--rank", "65536"], "Rank 65536 is larger than any adapted projection can hold"),
+    "unknown hub model": (
+        ["--pretrained_model_name_or_path", "nobody/no-model"],
+        "--pretrained_model_name_or_path: cannot load nobody/no-model",
+    ),
+}
+# FLUX.1's smallest resolution, 16 px (one 2x2 patch of latents), is refused with the command line.
+FAMILY_AFTER_LOADING = {
+    "sdxl": {"resolution too small": (["--resolution", "8"], "--resolution 8 is too small for this model: it needs")},
+    "flux": {},
+}
+AFTER_LOADING_CASES = [(family, case) for family in SCRIPTS for case in [*AFTER_LOADING, *FAMILY_AFTER_LOADING[family]]]
+
+
+@pytest.mark.parametrize(("family", "case"), AFTER_LOADING_CASES)
+def test_what_only_the_loaded_model_can_refuse_ends_in_one_error_line(
+    family, case, tmp_path, capsys, monkeypatch, request
+):
+    script = SCRIPTS[family]
+    extra, message = {**AFTER_LOADING, **FAMILY_AFTER_LOADING[family]}[case]
+    base_model = request.getfixturevalue(script.base_model_fixture)
+    argv = [*base_args(script, base_model, tmp_path / "out", None, "--max_train_steps", "1"), *extra]
+    assert run_cli(script, argv, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert message in err.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / tl.WEIGHT_NAME).exists()
 
 
 # --------------------------------------------------------------------------- accelerate launch

@@ -23,7 +23,8 @@ from scripts.arguments import bounded_float, bounded_int, non_negative_int, outp
 
 from .checkpoints import explicit_checkpoint
 from .data import DATASETS_MISSING, instance_image_files
-from .errors import InputError
+from .errors import BAD_INPUT_EXIT_CODE, InputError, is_main_process
+from .tool_exports import UNET_FAMILIES
 
 # The script that trains each family, for the message when a model is given to the wrong one.
 TRAINING_SCRIPTS = {"sdxl": "train_tlora_sdxl.py", "flux": "train_tlora_flux.py"}
@@ -35,9 +36,19 @@ MAX_REPEATS = 10_000
 BETA = bounded_float(0, 1, high_open=True)  # Adam's moment decay rates: 1 would never forget, above 1 diverges
 
 
+class TrainingArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals, like the scripts' other `error:` lines, are printed by the main process only of a
+    multi-process launch; every process still exits with 2."""
+
+    def error(self, message: str):
+        if is_main_process():
+            super().error(message)
+        self.exit(BAD_INPUT_EXIT_CODE)
+
+
 def build_parser(description: str, family: ModelFamily) -> tuple[argparse.ArgumentParser, dict]:
     """The shared flags, in argument groups (returned by name, for the script to add its own flags to)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = TrainingArgumentParser(description=description)
     groups = {
         name: parser.add_argument_group(title)
         for name, title in (
@@ -59,7 +70,7 @@ def build_parser(description: str, family: ModelFamily) -> tuple[argparse.Argume
     _add_tlora_arguments(groups["tlora"], family)
     _add_optimization_arguments(groups["optimization"])
     _add_checkpoint_arguments(groups["checkpoints"])
-    _add_hub_arguments(groups["hub"])
+    _add_hub_arguments(groups["hub"], family)
     _add_system_arguments(groups["system"], family)
     return parser, groups
 
@@ -315,7 +326,7 @@ def _add_checkpoint_arguments(checkpoints) -> None:
     )
 
 
-def _add_hub_arguments(hub) -> None:
+def _add_hub_arguments(hub, family: ModelFamily) -> None:
     hub.add_argument(
         "--output_dir",
         type=output_folder,
@@ -331,6 +342,17 @@ def _add_hub_arguments(hub) -> None:
         "--hub_model_id", type=str, default=None, help="Hub repository (default: the name of --output_dir)."
     )
     hub.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the one from `hf auth login`).")
+    hub.add_argument(
+        "--export_for_tools",
+        action="store_true",
+        help="Also write, next to the adapter (and upload with --push_to_hub), "
+        + (
+            "the file ComfyUI's 'Load T-LoRA (Bypass)' node loads and a standard LoRA at full rank in kohya's layout "
+            "(ComfyUI LoraLoader, A1111, kohya)."
+            if family.name in UNET_FAMILIES
+            else "a standard LoRA at full rank in diffusers' layout (`load_lora_weights`)."
+        ),
+    )
 
 
 def _add_system_arguments(system, family: ModelFamily) -> None:

@@ -13,8 +13,10 @@ is touched inside a training run.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ SCHEDULE_PLOT = "rank_schedule.png"
 VALIDATION_GRID = "validation_grid.png"
 LOSS_CURVE = "loss_curve.png"
 LOSS_HISTORY = "loss.csv"
+MAX_LOSS_LINE = 64  # a row is a step and a loss written with 6 significant digits
 # FLUX pipelines pack 2 x 2 latent patches; the VAE downsamples 8 x
 FLUX_PIXELS_PER_TOKEN = 16
 
@@ -164,11 +167,36 @@ def _write_rows(path: Path, rows) -> None:
 
 
 def read_loss_history(path: str | os.PathLike) -> list[tuple[int, float]]:
+    """The (step, loss) rows of a loss history. A row that is not a step and a finite loss (a line cut short by a
+    crash, an edited or damaged file) is left out with a warning rather than stopping a run: the history only draws
+    the card's loss curve. Lines are read at most `MAX_LOSS_LINE` characters at a time, so no line fills memory."""
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, newline="") as handle:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+    rows, skipped = [], 0
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        while line := handle.readline(MAX_LOSS_LINE):
+            if len(line) == MAX_LOSS_LINE and not line.endswith("\n"):  # an overlong line: skip to its end
+                while (rest := handle.readline(MAX_LOSS_LINE)) and not rest.endswith("\n"):
+                    pass
+                line = ""
+            row = _loss_row(line.strip())
+            if row is not None:
+                rows.append(row)
+            elif line.strip() != "step,loss":
+                skipped += 1
+    if skipped:
+        warnings.warn(f"{path}: {skipped} damaged lines left out of the loss history.", stacklevel=2)
+    return rows
+
+
+def _loss_row(line: str) -> tuple[int, float] | None:
+    step, _, loss = line.partition(",")
+    try:
+        row = int(step), float(loss)
+    except ValueError:
+        return None
+    return row if row[0] >= 0 and math.isfinite(row[1]) else None
 
 
 def plot_loss(history: list[tuple[int, float]], path: str | os.PathLike) -> Path:

@@ -5,7 +5,7 @@ and the validation images. What differs between model families comes in one `Car
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -18,20 +18,33 @@ from .card_assets import CardExtras, files_section, images_section, usage_sectio
 
 
 @dataclass(frozen=True)
+class License:
+    """The licence an adapter carries from its base model, as the card's metadata and text state it."""
+
+    id: str | None  # the Hub's licence id ("other" with a name and link for custom licences); None: not stated
+    name: str | None = None
+    link: str | None = None
+    note: str = ""  # a paragraph on the licence, where its terms matter to users
+
+
+@dataclass(frozen=True)
 class CardFacts:
     """What a model card says about the model family."""
 
     model_name: str  # e.g. "Stable Diffusion XL"
     pipeline_class: str  # the stock diffusers pipeline that loads the adapter
-    license: str  # the base model's licence id on the Hub ("other" with a name and link for custom licences)
+    license: License  # of a base model not in `base_model_licenses`
     tags: tuple[str, ...]
     torch_dtype: str  # for the usage example, e.g. "torch.float16"
-    license_name: str | None = None
-    license_link: str | None = None
     # the flag holding the sampling guidance of validation and the usage example ("guidance_scale" for SD-XL;
     # FLUX.1 trains with guidance 1 and samples with --validation_guidance_scale)
     sampling_guidance_flag: str = "guidance_scale"
-    license_note: str = ""  # a paragraph on the licence, where its terms matter to users
+    # Hub ids of the family's base models whose licences differ (FLUX.1 [dev] and [schnell]), lower case
+    base_model_licenses: dict[str, License] = field(default_factory=dict)
+
+    def license_of(self, base_model: str) -> License:
+        """The licence of an adapter of `base_model` (a Hub id or a local folder)."""
+        return self.base_model_licenses.get(base_model.lower(), self.license)
 
 
 def _is_hub_id(name: str) -> bool:
@@ -58,10 +71,11 @@ def write_model_card(
     ]
     widget = [{"text": prompt, "output": {"url": path.relative_to(output_dir).as_posix()}} for prompt, path in images]
     # The Hub rejects a `base_model` that is not a Hub id, so a local base model is named in the text only.
+    license = facts.license_of(base)
     card_data = ModelCardData(
-        license=facts.license,
-        license_name=facts.license_name,
-        license_link=facts.license_link,
+        license=license.id,
+        license_name=license.name,
+        license_link=license.link,
         base_model=base if _is_hub_id(base) else None,
         tags=list(facts.tags),
         instance_prompt=args.instance_prompt,
@@ -114,7 +128,7 @@ Use `{args.instance_prompt}` in your prompt.
 ## Usage
 
 {usage}
-{files}{facts.license_note}
+{files}{license.note}
 ## Training settings
 
 | setting | value |

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pipelines.tlora as tl
 from pipelines.tlora.convert import export_comfyui, export_lora
-from pipelines.tlora.remote_code import PIPELINE_FILE, MODULE_PREFIX, write_loader_files
+from pipelines.tlora.remote_code import MODULE_PREFIX, PIPELINE_FILE, write_loader_files
+
+# the families whose adapters ComfyUI's T-LoRA node loads and kohya's layout names
+UNET_FAMILIES = ("sd", "sdxl")
+
 
 def write_tool_files(output_dir: str | Path, family: str, with_exports: bool) -> dict[str, str]:
     """Write the loader files (and with `with_exports` the ComfyUI node file and the kohya LoRA) next to the
@@ -25,6 +29,13 @@ def write_tool_files(output_dir: str | Path, family: str, with_exports: bool) ->
         "nothing else installed",
     }
     if not with_exports:
+        return files
+    if family not in UNET_FAMILIES:
+        static = export_lora(output_dir, output_dir, tool="diffusers", overwrite=True)
+        files[static.outputs[0].name] = (
+            "diffusers' `load_lora_weights(..., weight_name=...)` and other tools that read LoRAs in diffusers' "
+            f"(PEFT) layout: a standard LoRA at full rank, without timestep masks. {static.notes[-1]}"
+        )
         return files
     node = export_comfyui(output_dir, output_dir, overwrite=True)
     files[node.outputs[0].name] = f"ComfyUI with the ComfyUI-T-LoRA custom nodes, timestep masks kept. {node.notes[0]}"

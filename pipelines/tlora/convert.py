@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from .comfyui_export import check_loader, describe_settings, node_file_name, nod
 from .config import TLoraConfig, TLoraConfigError
 from .file_format import (
     METADATA_KEY,
+    TENSOR_DTYPES,
     WEIGHT_NAME,
     TLoraFileError,
     family_of_config,
@@ -46,7 +48,7 @@ from .file_format import (
     write_atomically,
 )
 from .families import FLUX, SDXL, ModelFamily
-from .limits import load_json
+from .limits import MAX_PICKLE_BYTES, check_pickle_nesting, load_json, quote
 from .loader import tlora_state_dict
 from .lora_export import DEFAULT_TOOL, TOOL_FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep
 from .official_flux import (
@@ -215,13 +217,39 @@ def find_hparams(weights: Path, hparams: str | os.PathLike | None = None) -> Pat
     return candidate if candidate.is_file() else None
 
 
-# how torch's weights-only unpickler names the first object it refused
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# how torch's weights-only unpickler names the first object it refused (a name from the file: cut short)
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S{1,200})")
+
+
+def _check_torch_archive(path: Path) -> None:
+    """Refuse, before torch reads it, a file that is not the zip archive `torch.save` writes (the legacy format is
+    refused too), or whose pickle stream is too long or nests too deep (see `limits.check_pickle_nesting`)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entry = next((info for info in archive.infolist() if info.filename.endswith("/data.pkl")), None)
+            if entry is None:
+                raise TLoraFileError(f"{path} is a zip archive without data.pkl, not a torch file.")
+            if entry.file_size > MAX_PICKLE_BYTES:  # refused unread
+                raise TLoraFileError(
+                    f"{path}: its data.pkl is {entry.file_size:,} bytes; at most {MAX_PICKLE_BYTES:,} are read."
+                )
+            stream = archive.read(entry)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as error:
+        raise TLoraFileError(
+            f"{path} is not a readable torch file: not the zip archive torch.save writes (truncated or damaged, or "
+            f"a plain or legacy-format pickle, which is never read): {quote(str(error) or type(error).__name__)}"
+        ) from None
+    try:
+        check_pickle_nesting(stream, f"{path}: its data.pkl")
+    except ValueError as error:
+        raise TLoraFileError(str(error)) from None
 
 
 def read_weights_only_pickle(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a torch pickle such as the authors' FLUX `lora.pt`, unpickled weights-only: tensors and plain
-    containers, never code. Anything needing more is refused, as is anything but a flat `{name: tensor}` dict."""
+    containers, never code. Anything needing more is refused, as is anything but a flat `{name: tensor}` dict of
+    dense floating-point tensors. Sizes that do not fit the stored data are refused by torch itself."""
+    _check_torch_archive(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -231,16 +259,26 @@ def read_weights_only_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"{path} needs more than weights-only unpickling (it holds {what}), so it is not loaded: full unpickling "
             "can run arbitrary code."
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:  # torch's errors for damaged archives and streams
-        raise TLoraFileError(f"{path} is not a readable torch file (truncated or damaged?): {error}") from None
+    except Exception as error:  # noqa: BLE001  the unpickler lets through whatever a damaged stream provokes
+        detail = next(iter(str(error).splitlines()), "") or ("empty file" if path.stat().st_size == 0 else "")
+        raise TLoraFileError(
+            f"{path} is not a readable torch file (truncated or damaged?): {quote(detail or type(error).__name__)}"
+        ) from None
     if not isinstance(data, dict):
         raise TLoraFileError(f"{path} holds a {type(data).__name__}; the authors' checkpoints are dicts of tensors.")
-    wrong = [repr(key) for key, value in data.items() if not isinstance(key, str) or not torch.is_tensor(value)]
+    wrong = [quote(key) for key, value in data.items() if not isinstance(key, str) or not torch.is_tensor(value)]
     if wrong:
         raise TLoraFileError(
             f"{path}: entries {', '.join(wrong[:5])} are not named tensors; the authors' checkpoints hold only "
             "tensors."
         )
+    for key, tensor in data.items():
+        if tensor.layout != torch.strided or tensor.dtype not in TENSOR_DTYPES:
+            kind = f"dtype {tensor.dtype}" if tensor.layout == torch.strided else f"layout {tensor.layout}"
+            raise TLoraFileError(
+                f"{path}: tensor {quote(key)} has {kind}; the authors' checkpoints hold dense tensors of "
+                f"{', '.join(str(dtype).removeprefix('torch.') for dtype in TENSOR_DTYPES)}."
+            )
     return data
 
 
@@ -486,7 +524,8 @@ def export_lora(
     module names this package does not write).
 
     `out` is a `.safetensors` file or a folder, which receives `pytorch_lora_weights.safetensors` for diffusers
-    and `<adapter>_lora-rank<K>.safetensors` for the other tools.
+    and `<adapter>_lora-rank<K>.safetensors` for the other tools (and for diffusers in a folder that holds a
+    T-LoRA file).
     """
     if timestep is not None and rank is not None:
         raise ValueError("Give a timestep or a rank to freeze at, not both.")
@@ -503,8 +542,11 @@ def export_lora(
     lora_format = TOOL_FORMATS[tool]
     lora_rank = rank if config.variant == "vanilla" else 2 * rank
     tool_name = f"{adapter_name(source)}_lora-rank{lora_rank}.safetensors"
-    name = LORA_WEIGHT_NAME if lora_format == "diffusers" else tool_name
-    target = _export_target(Path(out).expanduser(), name)
+    out = Path(out).expanduser()
+    # diffusers' standard name, except beside a T-LoRA file: a folder holding both layouts is ambiguous to read
+    beside_adapter = (out / WEIGHT_NAME).is_file()
+    name = LORA_WEIGHT_NAME if lora_format == "diffusers" and not beside_adapter else tool_name
+    target = _export_target(out, name)
     _check_free([target], overwrite)
     tensors = lora_state_dict(freeze_tlora(state_dict, config, rank), lora_format, family_of_config(config))
     description = describe_export(config, rank)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import pickletools
 import re
 import reprlib
 
@@ -22,6 +23,11 @@ MAX_RANK = 1 << 16
 MAX_NESTING = 32
 # The largest text a reader parses as JSON or YAML: settings and prompt lists, never tensors.
 MAX_TEXT_CHARS = 1 << 22
+
+# The largest pickle stream (a torch file's `data.pkl`: names and tensor layouts, never tensor data) that is read.
+MAX_PICKLE_BYTES = 1 << 20
+# Pickle opcodes that add to an object already on the stack instead of making a new one.
+_PICKLE_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
 
 _QUOTE = reprlib.Repr()  # attributes rather than keywords: Python 3.11's Repr takes none
 _QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 240, 240  # room for whole module paths
@@ -78,3 +84,45 @@ def load_json(text: str, what: str, max_chars: int = MAX_TEXT_CHARS):
     except json.JSONDecodeError as error:
         raise ValueError(f"{what} is not valid JSON: {error}") from None
 
+
+
+def check_pickle_nesting(stream: bytes, what: str) -> None:
+    """Refuse a pickle stream longer than `MAX_PICKLE_BYTES` or whose objects nest deeper than `MAX_NESTING`,
+    found by walking its opcodes without building any object: hashing or printing a deeply nested object recurses
+    in C, past Python's recursion limit, and crashes the interpreter."""
+    if len(stream) > MAX_PICKLE_BYTES:
+        raise ValueError(f"{what} is {len(stream):,} bytes; at most {MAX_PICKLE_BYTES:,} are read.")
+    stack: list[int | None] = []  # the nesting depth of each object on the unpickler's stack; None for a mark
+    memo: dict = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            name, before = opcode.name, opcode.stack_before
+            if name == "MARK":
+                stack.append(None)
+                continue
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+                continue
+            if name == "DUP":
+                stack.append(stack[-1])
+                continue
+            popped = []
+            if pickletools.markobject in before:
+                while stack[-1] is not None:
+                    popped.append(stack.pop())
+                stack.pop()
+                before = before[: before.index(pickletools.markobject)]
+            popped += [stack.pop() for _ in before]
+            if name in _PICKLE_IN_PLACE:  # the container, deepest in the stack, keeps its place
+                container = popped.pop()
+                depth = max(container, 1 + max(popped, default=-1))
+            else:
+                depth = 1 + max(popped, default=-1)
+            if depth > MAX_NESTING:
+                raise ValueError(f"{what} nests deeper than {MAX_NESTING} levels; it is not a file of this kind.")
+            stack.extend(depth for _ in opcode.stack_after)
+    except (IndexError, KeyError, TypeError) as error:  # an opcode without its operands, an unknown memo entry
+        raise ValueError(f"{what} is not a valid pickle stream ({type(error).__name__}).") from None

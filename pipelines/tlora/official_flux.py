@@ -31,6 +31,7 @@ import torch
 from .config import TLoraConfig, TLoraConfigError
 from .families import FLUX
 from .file_format import KEY_INFIX, TLoraFileError, layer_key_parts
+from .limits import quote
 from .official_format import (
     OFFICIAL_NUM_TRAIN_TIMESTEPS,
     ScheduleSettings,
@@ -84,7 +85,7 @@ def flux_official_to_tlora_state_dict(state_dict: dict[str, torch.Tensor]) -> tu
     for key, tensor in state_dict.items():
         match = _KEY_PATTERN.match(key)
         if match is None:
-            raise TLoraFileError(f"Unexpected key {key!r}: the authors' FLUX checkpoints hold only {KEY_FORM} keys.")
+            raise TLoraFileError(f"Unexpected key {quote(key)}: the authors' FLUX checkpoints hold only {KEY_FORM} keys.")
         if match["kind"] == "single_transformer_blocks" and match["projection"] not in SINGLE_BLOCK_PROJECTIONS:
             unused += match["param"] == "up.weight"
             continue
@@ -173,7 +174,7 @@ def flux_settings_from_hparams(hparams: dict, source: str) -> ScheduleSettings:
     """The schedule from the authors' FLUX hparams.yml (`rank`, `min_rank`, `tlora`)."""
     masked = hparams.get("tlora")
     if masked is not None and not isinstance(masked, bool):
-        raise TLoraFileError(f"{source}: `tlora` must be true or false, got {masked!r}.")
+        raise TLoraFileError(f"{source}: `tlora` must be true or false, got {quote(masked)}.")
     settings = ScheduleSettings(
         rank=_typed(hparams, "rank", int, source),
         min_rank=_typed(hparams, "min_rank", int, source),
@@ -198,7 +199,7 @@ def resolve_flux_config(
     if settings.variant not in (None, "vanilla"):
         raise TLoraFileError(
             f"The authors' FLUX checkpoints hold plain LoRA factors (vanilla), but {settings.sources['variant']} "
-            f"says {settings.variant!r}."
+            f"says {quote(settings.variant)}."
         )
     if settings.rank is None:
         raise TLoraConfigError(
