@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import pipelines.tlora as tl
 from scripts.convert_tlora import main
+
 from tests.tlora_testing import add_random_tlora, run_unet, unet_inputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +164,9 @@ def assert_refused(capsys, *argv, match: str) -> str:
 
 def import_checkpoint(tmp_path, attention_shapes, variant, capsys, **hparam_changes) -> Path:
     checkpoint = write_official_run(
-        tmp_path / f"run-{variant}", official_tensors(attention_shapes, variant), hparams_for(variant, **hparam_changes)
+        tmp_path / f"run-{variant}",
+        official_tensors(attention_shapes, variant),
+        hparams_for(variant, **hparam_changes),
     )
     out = tmp_path / f"imported-{variant}"
     code, _, err = run_cli(capsys, "import-official", checkpoint, out)
@@ -305,7 +308,9 @@ def test_export_official_folds_the_scale(tmp_path, capsys):
     path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"
     names = ("down", "up", "lambda", "down_base", "up_base", "lambda_base")
     shapes = {"down": (4, 64), "up": (64, 4), "lambda": (4,)}
-    state_dict = {f"{path}.tlora.{n}": torch.randn(shapes[n.removesuffix("_base")], generator=generator) for n in names}
+    state_dict = {
+        f"{path}.tlora.{n}": torch.randn(shapes[n.removesuffix("_base")], generator=generator) for n in names
+    }
     config = tl.TLoraConfig(rank=4, min_rank=2, lora_alpha=2.0, target_modules=["to_out.0"])
     tl.save_tlora_file(state_dict, config, tmp_path / "ours.safetensors")
 
@@ -545,7 +550,9 @@ def test_inspect_both_layouts(attention_shapes, tmp_path, capsys):
         f"rank by timestep: {expected_ranks}",
     ):
         assert line in out, (line, out)
-    trained = sum(t.numel() for k, t in tl.read_tlora_file(ours / tl.WEIGHT_NAME)[0].items() if not k.endswith("_base"))
+    trained = sum(
+        t.numel() for k, t in tl.read_tlora_file(ours / tl.WEIGHT_NAME)[0].items() if not k.endswith("_base")
+    )
     assert f"parameters: {trained:,} trained, {trained:,} frozen" in out
     # import-official wrote the loader files; without them, inspect says how to add them
     assert f"loader files: pipeline.py and tlora_*.py, written by pipelines.tlora {tl.__version__}" in out
@@ -620,7 +627,9 @@ def test_inconsistent_shapes_are_refused(attention_shapes, tmp_path, capsys):
     checkpoint = write_official_run(tmp_path / "run", tensors, hparams_for("vanilla"))
     assert_refused(capsys, "import-official", checkpoint, tmp_path / "out", match="not the factors of one")
 
-    wider = write_official_run(tmp_path / "run2", official_tensors(attention_shapes, "vanilla"), hparams_for("vanilla"))
+    wider = write_official_run(
+        tmp_path / "run2", official_tensors(attention_shapes, "vanilla"), hparams_for("vanilla")
+    )
     assert_refused(capsys, "import-official", wider, tmp_path / "out", "--rank", 16, match="has rank 8, but rank 16")
 
     lam = official_tensors(attention_shapes, "ortho")
@@ -713,8 +722,10 @@ def test_a_folder_with_both_layouts_is_refused_naming_both(attention_shapes, tmp
     commands = (["inspect"], ["export-lora", tmp_path / "x"], ["import-official", tmp_path / "y"])
     for command in ([name, checkpoint, *rest] for name, *rest in commands):
         assert_refused(
-            capsys, *command, match="holds both pytorch_tlora_weights.safetensors (this package's T-LoRA) and "
-            "pytorch_lora_weights.safetensors"
+            capsys,
+            *command,
+            match="holds both pytorch_tlora_weights.safetensors (this package's T-LoRA) and "
+            "pytorch_lora_weights.safetensors",
         )
     assert run_cli(capsys, "inspect", checkpoint / tl.WEIGHT_NAME)[0] == 0
 
@@ -729,4 +740,3 @@ def test_paths_may_start_with_a_tilde_and_never_be_empty(attention_shapes, tmp_p
             main([str(part) for part in argv])
         assert stopped.value.code == 2
         assert "must not be empty" in capsys.readouterr().err
-

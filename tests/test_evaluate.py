@@ -49,7 +49,9 @@ def clip_dir(tmp_path_factory) -> Path:
         **{k: v for k, v in TINY_VISION.items() if k not in ("image_size", "patch_size")},
     )
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text_config, vision_config=TINY_VISION, projection_dim=16)).save_pretrained(folder)
+    CLIPModel(CLIPConfig(text_config=text_config, vision_config=TINY_VISION, projection_dim=16)).save_pretrained(
+        folder
+    )
     tokenizer.save_pretrained(folder)
     # Written as JSON so that the test does not depend on which image processor class transformers picks.
     processor = {
@@ -99,7 +101,9 @@ def adapter_files(tiny_sdxl_dir, tmp_path_factory) -> dict[str, Path]:
     tl.remove_tlora(unet)
 
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(config.target_modules), init_lora_weights=False))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=list(config.target_modules), init_lora_weights=False)
+    )
     StableDiffusionXLPipeline.save_lora_weights(root / "dog-lora", unet_lora_layers=get_peft_model_state_dict(unet))
     files["lora"] = root / "dog-lora" / "pytorch_lora_weights.safetensors"
     return files
@@ -449,8 +453,10 @@ def test_a_folder_with_two_kinds_of_weights_is_refused(adapter_files, tmp_path):
     folder.mkdir()
     for source in (adapter_files["tlora"], adapter_files["lora"]):
         (folder / source.name).write_bytes(source.read_bytes())
-    with pytest.raises(evaluate.EvaluationError, match="holds both pytorch_tlora_weights.safetensors .* and "
-                       "pytorch_lora_weights.safetensors"):
+    with pytest.raises(
+        evaluate.EvaluationError,
+        match="holds both pytorch_tlora_weights.safetensors .* and pytorch_lora_weights.safetensors",
+    ):
         evaluate.parse_adapter(str(folder))
     assert evaluate.parse_adapter(str(folder / "pytorch_lora_weights.safetensors")).kind == "lora"
 

@@ -29,7 +29,9 @@ def _betas(scheduler_config) -> tuple:
 
 
 def _image_module():
-    spec = importlib.util.spec_from_file_location("make_example_image", REPO_ROOT / "examples" / "make_example_image.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_example_image", REPO_ROOT / "examples" / "make_example_image.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -101,7 +103,10 @@ def test_tiny_config_and_attention_width(tiny_pipe):
 
 
 def test_tokenizers_match_text_encoders(tiny_pipe):
-    for tokenizer, encoder in ((tiny_pipe.tokenizer, tiny_pipe.text_encoder), (tiny_pipe.tokenizer_2, tiny_pipe.text_encoder_2)):
+    for tokenizer, encoder in (
+        (tiny_pipe.tokenizer, tiny_pipe.text_encoder),
+        (tiny_pipe.tokenizer_2, tiny_pipe.text_encoder_2),
+    ):
         assert len(tokenizer) == encoder.config.vocab_size
         assert tokenizer.model_max_length == 77
         assert encoder.config.eos_token_id == tokenizer.eos_token_id

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import pipelines.tlora as tl
 from pipelines.tlora import loader
+
 from tests.tlora_testing import add_random_tlora, generate
 
 SDXL_CLASSES = (
@@ -91,7 +92,9 @@ def test_file_layout_matches_the_format(saved_adapter):
         "base_model": "tiny-sdxl",
     }
     path_of = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-    assert {f"unet.{path_of}.tlora.{p}" for p in ("down", "up", "lambda", "down_base", "up_base", "lambda_base")} <= keys
+    assert {
+        f"unet.{path_of}.tlora.{p}" for p in ("down", "up", "lambda", "down_base", "up_base", "lambda_base")
+    } <= keys
     assert len(keys) == 6 * 24 * 4  # six tensors, four projections of 24 attention modules
     with safe_open(str(path), framework="pt") as handle:
         assert handle.get_tensor(f"unet.{path_of}.tlora.down").shape == (16, 64)
@@ -101,7 +104,9 @@ def test_file_layout_matches_the_format(saved_adapter):
 
 @pytest.mark.parametrize("variant", ["ortho", "vanilla"])
 def test_save_load_round_trip_gives_identical_images(tiny_pipe, tmp_path, variant):
-    config = add_random_tlora(tiny_pipe.unet, variant=variant, init="normal" if variant == "vanilla" else "random-last")
+    config = add_random_tlora(
+        tiny_pipe.unet, variant=variant, init="normal" if variant == "vanilla" else "random-last"
+    )
     expected = generate(tiny_pipe)
     tiny_pipe.save_tlora_weights(tmp_path, tl.get_tlora_state_dict(tiny_pipe), config)
     tiny_pipe.unload_tlora_weights()
@@ -271,7 +276,11 @@ def _raw_config(text):
     [
         (_nan, tl.TLoraFileError, "contains NaN or Inf"),
         (_inf, tl.TLoraFileError, "contains NaN or Inf"),
-        (_shape, tl.TLoraFileError, r"Shape mismatch for '.*attn1.to_q.tlora.down': the file has \(16, 96\), .* \(16, 64\)"),
+        (
+            _shape,
+            tl.TLoraFileError,
+            r"Shape mismatch for '.*attn1.to_q.tlora.down': the file has \(16, 96\), .* \(16, 64\)",
+        ),
         (_missing, tl.TLoraFileError, r"Missing keys for module .*attn1.to_q.*tlora.up_base"),
         (_unexpected, tl.TLoraFileError, "unknown T-LoRA parameter 'scale': a 'ortho' adapter has down, up, lambda"),
         (_unknown_module, tl.TLoraFileError, "not a linear projection of this UNet"),

@@ -24,6 +24,7 @@ import pipelines.tlora as tl
 from pipelines.tlora.families import denoiser_of
 from pipelines.tlora.remote_code import loader_files, write_loader_files
 from scripts.convert_tlora import main
+
 from tests.tlora_testing import add_random_tlora, generate
 
 PACKAGE_DIR = Path(tl.__file__).parent

@@ -39,7 +39,9 @@ def add_random_tlora(denoiser, seed: int = 0, adapter_name: str = "default", **c
     defaults (FLUX: vanilla, the authors' projections)."""
     family = tl.family_of_denoiser(denoiser)
     settings = {"rank": 16, "min_rank": 8, **config_kwargs}
-    config = tl.TLoraConfig(**settings) if family.name == "sdxl" else tl.TLoraConfig.for_family(family.name, **settings)
+    config = (
+        tl.TLoraConfig(**settings) if family.name == "sdxl" else tl.TLoraConfig.for_family(family.name, **settings)
+    )
     adapters = tl.inject_tlora(denoiser, config, adapter_name, generator=torch.Generator().manual_seed(seed))
     perturb_adapters(adapters, seed + 1)
     return config
