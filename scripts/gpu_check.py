@@ -558,6 +558,10 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
     signal.alarm(int(setup.budget_s + HARD_STOP_GRACE_S))
     notes = ensure_packages(wheels)
     import_project()
+    # torch, diffusers and transformers leave half a million objects that live as long as the process; frozen, they
+    # are no longer walked by each of the collections between configurations (about 0.3 s apiece on a CPU)
+    gc.collect()
+    gc.freeze()
     import diffusers
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -593,6 +597,7 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
         results.data["stopped"] = str(stop) or type(stop).__name__
         print(f"stopped ({results.data['stopped']}); keeping what was measured", flush=True)
     finally:
+        gc.unfreeze()  # a caller's later collections see them again
         signal.alarm(0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         results.data["targets"] = targets(results, setup)
