@@ -78,6 +78,7 @@ class Setup:
     budget_s: float
     flux_dtype: str
     flux_rank: int
+    threads: int | None = None  # torch's CPU threads; None: torch's default
 
 
 FULL = Setup(
@@ -112,6 +113,9 @@ SMOKE = replace(
     budget_s=600,
     flux_dtype="fp32",
     flux_rank=8,
+    # the tiny models gain nothing from a second thread, and on a busy machine OpenMP's waiting threads slow their
+    # small matmuls down many times over
+    threads=1,
 )
 
 
@@ -556,6 +560,8 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
     signal.signal(signal.SIGALRM, _stop)
     # the hard stop: a measurement that overruns its estimate is cut short, and what came before kept
     signal.alarm(int(setup.budget_s + HARD_STOP_GRACE_S))
+    if setup.threads is not None:
+        torch.set_num_threads(setup.threads)
     notes = ensure_packages(wheels)
     import_project()
     # torch, diffusers and transformers leave half a million objects that live as long as the process; frozen, they
