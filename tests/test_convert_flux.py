@@ -21,8 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import pipelines.tlora as tl
 
-from tests.test_convert import assert_refused, run_cli
-from tests.tlora_testing import add_random_tlora, flux_inputs
+from tests.tlora_testing import add_random_tlora, assert_refused, flux_inputs, run_cli
 
 RANK, MIN_RANK = 8, 3
 BASE_MODEL = "black-forest-labs/FLUX.1-dev"

@@ -4,9 +4,6 @@ an end-to-end run on the tiny SD-XL with tiny random CLIP and DINO models, resum
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,8 @@ from PIL import Image
 from scripts import evaluate
 from scripts.eval_metrics import MASK_FILL, apply_mask, cosine_matrix, image_similarity, text_similarity
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.tlora_testing import run_script
+
 TINY_VISION = dict(
     image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
 )
@@ -469,13 +467,7 @@ def test_results_with_nan_are_never_written_as_bare_nan(tmp_path):
 
 def test_command_line_exit_code_and_message(tmp_path):
     argv = ["--pretrained_model_name_or_path", "x", "--adapter", "none", "--concept", CONCEPT, "--output_dir"]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), *argv, str(tmp_path), "--real_images", "nowhere"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=tmp_path,
-    )
+    result = run_script("scripts/evaluate.py", *argv, tmp_path, "--real_images", "nowhere", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: --real_images: nowhere does not exist"
     assert "Traceback" not in result.stderr

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import pipelines.tlora as tl
 from pipelines.tlora import loader
 
-from tests.tlora_testing import add_random_tlora, generate
+from tests.tlora_testing import add_random_tlora, generate, read_safetensors_file
 
 SDXL_CLASSES = (
     "StableDiffusionXLPipeline",
@@ -75,10 +74,8 @@ def test_registration_is_idempotent_and_never_overrides():
 def test_file_layout_matches_the_format(saved_adapter):
     folder = saved_adapter
     path = folder / tl.WEIGHT_NAME
-    with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
-        metadata = json.loads(handle.metadata()["tlora_config"])
-    assert metadata == {
+    tensors, metadata = read_safetensors_file(path)
+    assert json.loads(metadata["tlora_config"]) == {
         "format": "tlora",
         "format_version": 1,
         "variant": "ortho",
@@ -94,11 +91,10 @@ def test_file_layout_matches_the_format(saved_adapter):
     path_of = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     assert {
         f"unet.{path_of}.tlora.{p}" for p in ("down", "up", "lambda", "down_base", "up_base", "lambda_base")
-    } <= keys
-    assert len(keys) == 6 * 24 * 4  # six tensors, four projections of 24 attention modules
-    with safe_open(str(path), framework="pt") as handle:
-        assert handle.get_tensor(f"unet.{path_of}.tlora.down").shape == (16, 64)
-        assert handle.get_tensor(f"unet.{path_of}.tlora.lambda").shape == (16,)
+    } <= tensors.keys()
+    assert len(tensors) == 6 * 24 * 4  # six tensors, four projections of 24 attention modules
+    assert tensors[f"unet.{path_of}.tlora.down"].shape == (16, 64)
+    assert tensors[f"unet.{path_of}.tlora.lambda"].shape == (16,)
     assert not list(folder.glob("*.tmp"))
 
 
@@ -216,9 +212,7 @@ def test_hub_repo_id(tiny_pipe, adapter_dir, monkeypatch):
 
 def corrupt(folder, tmp_path, change):
     """Copy the adapter file with `change(tensors, config_dict)` applied; returns the new file."""
-    with safe_open(str(folder / tl.WEIGHT_NAME), framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        metadata = dict(handle.metadata())
+    tensors, metadata = read_safetensors_file(folder / tl.WEIGHT_NAME)
     config = json.loads(metadata["tlora_config"])
     metadata = change(tensors, config) or {"tlora_config": json.dumps(config)}
     path = tmp_path / "broken.safetensors"
