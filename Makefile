@@ -3,6 +3,8 @@
 #   make venv           create .venv and install the requirements (re-runs only when they change)
 #   make test           run the test suite offline (PYTEST_ARGS="-q tests -k name" to narrow it)
 #   make test-fast      the same without the end-to-end training runs (tests marked slow)
+#   make quality        lint and format check (ruff, settings in pyproject.toml; installs the pinned ruff if the
+#                       venv lacks it), then the repeated code the `duplicates` command finds, where it is installed
 #   make fixtures       build the tiny random pipeline of FAMILY (sd, sdxl or flux; default sdxl) in
 #                       outputs/tiny-FAMILY, e.g. make fixtures FAMILY=flux
 #   make fixtures-small build the larger benchmark-sized one in outputs/small-FAMILY
@@ -42,9 +44,13 @@ TOY_MODELS ?= models
 TOY_EXPERIMENT_ARGS ?=
 
 PY := $(VENV)/bin/python
+RUFF_VERSION := $(shell sed -n 's/^ruff==//p' requirements-dev.txt)
+# A lister of repeated code; its absence only skips that part of `make quality`.
+DUPLICATES ?= duplicates
+DUPLICATES_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast fixtures fixtures-small fixtures-all demo toy-base toy-experiment gpu-wheels gpu-check \
+.PHONY: venv test test-fast quality fixtures fixtures-small fixtures-all demo toy-base toy-experiment gpu-wheels gpu-check \
 	clean distclean
 
 venv: $(STAMP)
@@ -62,6 +68,18 @@ test: venv
 
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Only ruff is installed here, not the whole venv: the lint needs nothing else.
+quality: | $(PY)
+	@$(VENV)/bin/ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || \
+		$(PY) -m pip install "ruff==$(RUFF_VERSION)"
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@if command -v $(DUPLICATES) >/dev/null 2>&1; then \
+		echo "$(DUPLICATES) $(DUPLICATES_ARGS)"; $(DUPLICATES) $(DUPLICATES_ARGS); \
+	else \
+		echo "$(DUPLICATES) is not installed: skipping the check for repeated code"; \
+	fi
 
 fixtures: outputs/tiny-$(FAMILY)/model_index.json
 

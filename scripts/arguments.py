@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 
-
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

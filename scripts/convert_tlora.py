@@ -30,8 +30,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from pipelines.tlora import convert  # noqa: E402
-from pipelines.tlora.families import FAMILIES  # noqa: E402
 from pipelines.tlora.comfyui_export import LOADERS  # noqa: E402
+from pipelines.tlora.families import FAMILIES  # noqa: E402
 from pipelines.tlora.lora_export import DEFAULT_TOOL, TOOL_FORMATS  # noqa: E402
 from pipelines.tlora.official_format import DEFAULT_CLASS_NAME, DEFAULT_PLACEHOLDER_TOKEN  # noqa: E402
 from scripts.arguments import finite_float, output_folder, path_text, positive_int  # noqa: E402
@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--rank", type=positive_int, help="maximum rank (SD-XL: lora_rank; FLUX: rank)")
     importer.add_argument("--min-rank", type=positive_int, help="minimum rank of the schedule (min_rank)")
     importer.add_argument("--schedule-exponent", type=finite_float, help="schedule exponent (alpha_rank_scale)")
-    importer.add_argument("--variant", choices=("ortho", "vanilla"), help="expected variant (checked against the keys)")
+    importer.add_argument(
+        "--variant", choices=("ortho", "vanilla"), help="expected variant (checked against the keys)"
+    )
     importer.add_argument("--base-model", help="base model name recorded in the file")
     importer.add_argument("--overwrite", action="store_true")
 

@@ -54,12 +54,10 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E40
 from tqdm.auto import tqdm  # noqa: E402
 
 import pipelines.tlora as tl  # noqa: E402  (also gives the supported pipelines load_tlora_weights)
-from scripts.arguments import finite_float, output_folder, path_text, positive_int  # noqa: E402
 from pipelines.tlora.convert import refuse_both_layouts  # noqa: E402
 from pipelines.tlora.file_format import METADATA_KEY, read_safetensors, write_atomically  # noqa: E402
 from pipelines.tlora.limits import load_json, quote  # noqa: E402
-from training.errors import InputError  # noqa: E402
-from training.images import image_files, open_image  # noqa: E402
+from scripts.arguments import finite_float, output_folder, path_text, positive_int  # noqa: E402
 from scripts.eval_metrics import (  # noqa: E402
     MASK_FILL,
     ClipEmbedder,
@@ -68,6 +66,8 @@ from scripts.eval_metrics import (  # noqa: E402
     image_similarity,
     text_similarity,
 )
+from training.errors import InputError  # noqa: E402
+from training.images import image_files, open_image  # noqa: E402
 
 PAPER_PROMPTS = Path(__file__).resolve().parent / "data" / "paper_prompts.json"
 PLACEHOLDER = "{}"
@@ -724,7 +724,8 @@ def metrics_markdown(metrics: dict) -> str:
         f"{settings['images_per_prompt']} images each); {counts['base_prompt_images']} images of "
         f'"{fill_in(settings["base_prompt"], settings["concept"])}" against {counts["real_images"]} real image(s)'
         f"{' (backgrounds masked)' if settings['masks'] else ''}; seed {settings['seed']}, "
-        f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}, {settings['resolution']} px.",
+        f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}, "
+        f"{settings['resolution']} px.",
         "",
         "| adapter | kind | " + " | ".join(METRIC_HEADERS) + " |",
         "|---|---|" + "---:|" * len(METRIC_HEADERS),

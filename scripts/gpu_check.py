@@ -78,6 +78,7 @@ class Setup:
     budget_s: float
     flux_dtype: str
     flux_rank: int
+    threads: int | None = None  # torch's CPU threads; None: torch's default
 
 
 FULL = Setup(
@@ -112,6 +113,9 @@ SMOKE = replace(
     budget_s=600,
     flux_dtype="fp32",
     flux_rank=8,
+    # the tiny models gain nothing from a second thread, and on a busy machine OpenMP's waiting threads slow their
+    # small matmuls down many times over
+    threads=1,
 )
 
 
@@ -224,16 +228,19 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run_args(setup: Setup, checkpointing: bool, use_8bit_adam: bool) -> argparse.Namespace:
-    """The settings scripts/benchmark.py's TrainStep reads."""
+def run_args(setup: Setup, family: str, checkpointing: bool, use_8bit_adam: bool) -> argparse.Namespace:
+    """The settings scripts/benchmark.py's TrainStep reads, for `family` in this run."""
+    from scripts.make_tiny_pipeline import default_resolution
+
+    dtype, rank, min_rank = family_settings(setup, family)
     return argparse.Namespace(
-        family="sdxl",
+        family=family,
         size=setup.size,
         device=setup.device,
-        dtype=setup.dtype,
-        resolution=setup.resolution,
-        rank=setup.rank,
-        min_rank=setup.min_rank,
+        dtype=dtype,
+        resolution=setup.resolution if family == "sdxl" else default_resolution(family, setup.size),
+        rank=rank,
+        min_rank=min_rank,
         gradient_checkpointing=checkpointing,
         use_8bit_adam=use_8bit_adam,
     )
@@ -245,12 +252,19 @@ def median_step(run, steps: int, device: str) -> tuple[float, list[float]]:
     return statistics.median(samples), samples
 
 
+def time_training(step, setup: Setup) -> dict:
+    """Median s/step of a training step after warm-up, and the peak memory since `restart_peak_memory`."""
+    step()  # optimizer state and kernel selection; the timing adds a second warm-up call
+    median, samples = median_step(step, setup.train_steps, setup.device)
+    return {"median_s": median, "samples_s": samples, "peak_gb": benchmark.peak_memory(setup.device) / GIGABYTE}
+
+
 # --------------------------------------------------------------------------- SD-XL training
 
 
 def train_section(results: Results, budget: Budget, setup: Setup, checkpointing: bool) -> None:
     section = "train" if checkpointing else "train-plain"
-    args = run_args(setup, checkpointing=checkpointing, use_8bit_adam=checkpointing)
+    args = run_args(setup, "sdxl", checkpointing=checkpointing, use_8bit_adam=checkpointing)
     options = "gradient checkpointing, 8-bit AdamW" if checkpointing else "no checkpointing, AdamW"
     print(f"SD-XL training, {setup.resolution} px, batch 1, rank {setup.rank}, {setup.dtype}, {options}", flush=True)
     for adapter in benchmark.train_adapters(setup.rank):
@@ -263,12 +277,8 @@ def train_section(results: Results, budget: Budget, setup: Setup, checkpointing:
         # counted from the frozen model on: the fp32 copy it was initialised in is gone by now
         benchmark.restart_peak_memory(setup.device)
         step = benchmark.TrainStep(unet, scheduler, adapter, args)
-        step()  # optimizer state and kernel selection; the timing adds a second warm-up call
-        median, samples = median_step(step, setup.train_steps, setup.device)
-        peak = benchmark.peak_memory(setup.device)
         row = {"section": section, "name": adapter.name, "label": adapter.label, "options": options}
-        row |= {"median_s": median, "samples_s": samples, "peak_gb": peak / GIGABYTE}
-        results.add(row)
+        results.add(row | time_training(step, setup))
         if adapter.variant == "ortho" and checkpointing:
             label = f"T-LoRA (ortho) R={setup.rank}: create the adapters ({projections} SVDs)"
             results.add({"section": "ortho-init", "name": "ortho-init", "label": label, "seconds": step.attach_s})
@@ -407,66 +417,28 @@ def compiled_section(results: Results, budget: Budget, setup: Setup, workdir: Pa
 # --------------------------------------------------------------------------- other families and notes
 
 
-class FluxTrainStep:
-    """One flow-matching optimizer step of a FLUX transformer with a Vanilla T-LoRA adapter, as the training script
-    takes it: gradient checkpointing, fp32 adapter weights under bf16 autocast, 8-bit AdamW."""
-
-    def __init__(self, transformer, setup: Setup):
-        from scripts.make_tiny_pipeline import default_resolution
-
-        dtype_name, rank, min_rank = family_settings(setup, "flux")
-        adapter = benchmark.Adapter("vanilla", f"Vanilla T-LoRA R={rank}", "tlora", rank, "vanilla")
-        config = benchmark.tlora_config(adapter, min_rank, "flux")
-        benchmark.tl.inject_tlora(transformer, config, generator=torch.Generator().manual_seed(benchmark.SEED))
-        for parameter in transformer.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
-        transformer.enable_gradient_checkpointing()
-        self.transformer = transformer.train()
-        self.optimizer = benchmark.make_optimizer([p for p in transformer.parameters() if p.requires_grad], True)
-        dtype = benchmark.DTYPES[dtype_name]
-        self.autocast = torch.autocast(torch.device(setup.device).type, dtype=dtype, enabled=dtype != torch.float32)
-        resolution = default_resolution("flux", setup.size)
-        text_tokens = benchmark.FLUX_TEXT_TOKENS[setup.size]
-        self.inputs = benchmark.flux_inputs(transformer.config, text_tokens, resolution, setup.device, dtype)
-        self.latents = self.inputs.pop("hidden_states")  # packed latents: 2x2 patches per token
-        self.generator = torch.Generator(setup.device).manual_seed(benchmark.SEED)
-
-    def __call__(self) -> None:
-        latents = self.latents
-        noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=latents.dtype)
-        sigma = torch.rand(1, generator=self.generator, device=latents.device)
-        noisy = ((1 - sigma) * latents + sigma * noise).to(latents.dtype)  # as the pipeline's latents
-        with self.autocast:
-            prediction = self.transformer(hidden_states=noisy, timestep=sigma, **self.inputs).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
 def flux_train_section(results: Results, budget: Budget, setup: Setup) -> None:
+    """The training step of train_tlora_flux.py's default variant, Vanilla T-LoRA, on an NF4 and a full base."""
     from training.quantization import quantize_linear_layers
 
-    dtype = benchmark.DTYPES[setup.flux_dtype]
-    print(f"FLUX.1 training, rank {setup.flux_rank}, gradient checkpointing, 8-bit AdamW", flush=True)
-    for base in ("nf4", setup.flux_dtype):
-        label = f"Vanilla T-LoRA R={setup.flux_rank}, {base} base"
+    args = run_args(setup, "flux", checkpointing=True, use_8bit_adam=True)
+    dtype = benchmark.DTYPES[args.dtype]
+    (adapter,) = [adapter for adapter in benchmark.infer_adapters(args.rank, "flux") if adapter.name == "vanilla"]
+    print(f"FLUX.1 training, rank {args.rank}, gradient checkpointing, 8-bit AdamW", flush=True)
+    for base in ("nf4", args.dtype):
+        label = f"{adapter.label}, {base} base"
         if not budget.allows("flux-train", first_guess=90):
             results.note(f"flux-train: {label} skipped: not enough time left in the budget")
             continue
         start = time.monotonic()
-        transformer, _ = benchmark.build_base_flux(setup.size, setup.device, dtype)
+        transformer, scheduler = benchmark.build_base_flux(setup.size, setup.device, dtype)
         if base == "nf4":
             quantize_linear_layers(transformer, "nf4", setup.device, compute_dtype=dtype)
         free_memory(setup.device)
         benchmark.restart_peak_memory(setup.device)
-        step = FluxTrainStep(transformer, setup)
-        step()
-        median, samples = median_step(step, setup.train_steps, setup.device)
+        step = benchmark.TrainStep(transformer, scheduler, adapter, args)
         row = {"section": "flux-train", "name": base, "label": label, "options": "gradient checkpointing, 8-bit AdamW"}
-        row |= {"median_s": median, "samples_s": samples, "peak_gb": benchmark.peak_memory(setup.device) / GIGABYTE}
-        results.add(row)
+        results.add(row | time_training(step, setup))
         del step, transformer
         free_memory(setup.device)
         budget.took("flux-train", time.monotonic() - start)
@@ -588,8 +560,14 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
     signal.signal(signal.SIGALRM, _stop)
     # the hard stop: a measurement that overruns its estimate is cut short, and what came before kept
     signal.alarm(int(setup.budget_s + HARD_STOP_GRACE_S))
+    if setup.threads is not None:
+        torch.set_num_threads(setup.threads)
     notes = ensure_packages(wheels)
     import_project()
+    # torch, diffusers and transformers leave half a million objects that live as long as the process; frozen, they
+    # are no longer walked by each of the collections between configurations (about 0.3 s apiece on a CPU)
+    gc.collect()
+    gc.freeze()
     import diffusers
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -625,6 +603,7 @@ def run(setup: Setup, out: Path, wheels: Path) -> dict:
         results.data["stopped"] = str(stop) or type(stop).__name__
         print(f"stopped ({results.data['stopped']}); keeping what was measured", flush=True)
     finally:
+        gc.unfreeze()  # a caller's later collections see them again
         signal.alarm(0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         results.data["targets"] = targets(results, setup)

@@ -209,7 +209,7 @@ def results_markdown(summary: dict, settings: dict) -> str:
         f"\nMean ± standard deviation over {len(settings['seeds'])} seeds "
         f"({', '.join(map(str, settings['seeds']))}); "
         f"{settings['steps']} steps at lr {settings['learning_rate']}, min rank = rank / 2 for the T-LoRAs; "
-        f"{settings['base_prompt_images']} images of \"{INSTANCE_PROMPT}\" (IS, DINO-IS against the one concept "
+        f'{settings["base_prompt_images"]} images of "{INSTANCE_PROMPT}" (IS, DINO-IS against the one concept '
         f"picture) and {settings['images_per_prompt']} per contextual prompt (TS, {len(TOY_PROMPTS['toy'])} "
         f"prompts), {settings['num_inference_steps']} steps, judged by the toy CLIP; "
         f"{settings['minutes']:.0f} min on this machine."

@@ -124,11 +124,7 @@ def train_vae(vae, checkpoint: Path, steps: int, seed: int) -> int:
         pixels = pixels[:, :, crop : crop + CROP, crop : crop + CROP]
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        return (
-            F.l1_loss(reconstruction, pixels)
-            + F.mse_loss(reconstruction, pixels)
-            + 1e-6 * posterior.kl().mean()
-        )
+        return F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
 
     return train_phase("vae", checkpoint, vae, optimizer, steps, loss_at_step)
 

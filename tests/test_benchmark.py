@@ -16,15 +16,9 @@ import torch
 import pipelines.tlora as tl
 from scripts import benchmark
 
+from tests.tlora_testing import run_unet, unet_inputs
+
 RANK = 8
-
-
-def unet_inputs(unet, timestep=500):
-    config = unet.config
-    embeds = benchmark.conditioning(config, 2, 64, "cpu", torch.float32)
-    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    added = {"text_embeds": embeds["pooled_prompt_embeds"], "time_ids": embeds["time_ids"]}
-    return (sample, timestep), {"encoder_hidden_states": embeds["prompt_embeds"], "added_cond_kwargs": added}
 
 
 def assert_rows(result: dict, names: list[str], baseline: str) -> None:
@@ -48,12 +42,12 @@ def assert_targets_printed(result: dict, printed: str, measures: list[str]) -> N
 @pytest.mark.parametrize("adapter", benchmark.infer_adapters(RANK)[1:], ids=lambda adapter: adapter.name)
 def test_loaded_adapters_change_the_unet_output(tiny_pipe, tmp_path, adapter):
     unet = tiny_pipe.unet
-    args, kwargs = unet_inputs(unet)
+    inputs = unet_inputs(unet)
     with torch.no_grad():
-        before = unet(*args, **kwargs).sample
+        before = run_unet(unet, inputs, 500)
         pipe = benchmark.inference_pipeline(unet, tiny_pipe.scheduler)
         benchmark.attach_for_inference(pipe, adapter, RANK // 2, tmp_path)
-        after = unet(*args, **kwargs).sample
+        after = run_unet(unet, inputs, 500)
 
     assert torch.isfinite(after).all()
     assert (after - before).abs().max() > 1e-4

@@ -87,8 +87,9 @@ def test_validation_grid_puts_base_left_and_adapter_right(tmp_path):
 def test_tool_files_say_which_file_is_for_which_tool(tiny_pipe, tmp_path):
     from safetensors import safe_open
 
-    from tests.tlora_testing import add_random_tlora
     from training.tool_exports import write_tool_files
+
+    from tests.tlora_testing import add_random_tlora
 
     config = add_random_tlora(tiny_pipe.unet, rank=8, min_rank=4, model_family="sdxl")
     output_dir = tmp_path / "tlora-dog"

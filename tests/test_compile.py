@@ -16,6 +16,7 @@ from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
 import pipelines.tlora as tl
+
 from tests.tlora_testing import add_random_tlora, generate, run_unet, unet_inputs
 
 RANK, MIN_RANK = 16, 4

@@ -11,22 +11,27 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import pipelines.tlora as tl
 from scripts.convert_tlora import main
-from tests.tlora_testing import add_random_tlora, run_unet, unet_inputs
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.tlora_testing import (
+    add_random_tlora,
+    assert_refused,
+    read_safetensors_file,
+    run_cli,
+    run_script,
+    run_unet,
+    unet_inputs,
+)
+
 RANK, MIN_RANK, EXPONENT = 8, 3, 1.5
 # the authors' projection names -> the attention module's attribute
 THEIR_PROJECTIONS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -147,23 +152,11 @@ def unet_output(unet, timestep, **extra) -> torch.Tensor:
     return run_unet(unet, {**unet_inputs(unet), **extra}, timestep)
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_refused(capsys, *argv, match: str) -> str:
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 2, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    assert match in err, err
-    return err
-
-
 def import_checkpoint(tmp_path, attention_shapes, variant, capsys, **hparam_changes) -> Path:
     checkpoint = write_official_run(
-        tmp_path / f"run-{variant}", official_tensors(attention_shapes, variant), hparams_for(variant, **hparam_changes)
+        tmp_path / f"run-{variant}",
+        official_tensors(attention_shapes, variant),
+        hparams_for(variant, **hparam_changes),
     )
     out = tmp_path / f"imported-{variant}"
     code, _, err = run_cli(capsys, "import-official", checkpoint, out)
@@ -305,7 +298,9 @@ def test_export_official_folds_the_scale(tmp_path, capsys):
     path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"
     names = ("down", "up", "lambda", "down_base", "up_base", "lambda_base")
     shapes = {"down": (4, 64), "up": (64, 4), "lambda": (4,)}
-    state_dict = {f"{path}.tlora.{n}": torch.randn(shapes[n.removesuffix("_base")], generator=generator) for n in names}
+    state_dict = {
+        f"{path}.tlora.{n}": torch.randn(shapes[n.removesuffix("_base")], generator=generator) for n in names
+    }
     config = tl.TLoraConfig(rank=4, min_rank=2, lora_alpha=2.0, target_modules=["to_out.0"])
     tl.save_tlora_file(state_dict, config, tmp_path / "ours.safetensors")
 
@@ -386,12 +381,11 @@ def test_export_lora_equals_the_tlora_at_its_timestep(tiny_pipe, tmp_path, capsy
     assert sorted(p.name for p in out.iterdir()) == [f"{name}.safetensors"]
     assert f"{lora_format} layout, for {tool or 'comfyui'}" in printed
     weights = out / f"{name}.safetensors"
-    with safe_open(str(weights), framework="pt") as handle:
-        record = json.loads(handle.metadata()["tlora_export"])
-        keys = list(handle.keys())
+    tensors, metadata = read_safetensors_file(weights)
+    record = json.loads(metadata["tlora_export"])
     assert record["rank"] == authors_rank(timestep) and "exact at timestep" in record["description"]
-    down_key = next(k for k in keys if k.endswith(("lora_A.weight", "lora_down.weight")))
-    assert load_file(str(weights))[down_key].shape[0] == lora_rank
+    down_key = next(k for k in tensors if k.endswith(("lora_A.weight", "lora_down.weight")))
+    assert tensors[down_key].shape[0] == lora_rank
     if lora_format == "kohya":
         # kohya's SD-XL names: the original UNet's input/middle/output blocks, two layers per block
         for module in (
@@ -400,10 +394,10 @@ def test_export_lora_equals_the_tlora_at_its_timestep(tiny_pipe, tmp_path, capsy
             "middle_block_1_transformer_blocks_0_attn2_to_k",  # mid_block.attentions.0
             "output_blocks_2_1_transformer_blocks_1_attn1_to_v",  # up_blocks.0.attentions.2
         ):
-            assert f"lora_unet_{module}.lora_down.weight" in keys and f"lora_unet_{module}.alpha" in keys, module
+            assert f"lora_unet_{module}.lora_down.weight" in tensors and f"lora_unet_{module}.alpha" in tensors, module
     else:
-        assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
-    assert all(k.startswith("lora_unet_" if lora_format == "kohya" else "unet.") for k in keys)
+        assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in tensors
+    assert all(k.startswith("lora_unet_" if lora_format == "kohya" else "unet.") for k in tensors)
 
     assert_refused(capsys, "inspect", weights, match="exported from a T-LoRA: Standard LoRA")
 
@@ -475,11 +469,10 @@ def test_comfyui_node_export_reproduces_the_tlora(
     assert "'Load T-LoRA (Bypass)'" in printed
     assert "max_rank 8, min_rank 3, alpha 1.5, max_timestep 1000" in printed
 
-    with safe_open(str(tmp_path / "loras" / name), framework="pt") as handle:
-        record = json.loads(handle.metadata()["tlora_comfyui_node"])
-        assert "tlora_config" not in handle.metadata()  # not a file of this package's own format
+    tensors, metadata = read_safetensors_file(tmp_path / "loras" / name)
+    record = json.loads(metadata["tlora_comfyui_node"])
+    assert "tlora_config" not in metadata  # not a file of this package's own format
     assert record["node"] == "Load T-LoRA (Bypass)" and record["settings"] == settings
-    tensors = load_file(str(tmp_path / "loras" / name))
     parameters = {
         "vanilla": ("down.weight", "up.weight"),
         "ortho": ("q_layer.weight", "p_layer.weight", "lambda_layer", "base_q.weight", "base_p.weight", "base_lambda"),
@@ -545,7 +538,9 @@ def test_inspect_both_layouts(attention_shapes, tmp_path, capsys):
         f"rank by timestep: {expected_ranks}",
     ):
         assert line in out, (line, out)
-    trained = sum(t.numel() for k, t in tl.read_tlora_file(ours / tl.WEIGHT_NAME)[0].items() if not k.endswith("_base"))
+    trained = sum(
+        t.numel() for k, t in tl.read_tlora_file(ours / tl.WEIGHT_NAME)[0].items() if not k.endswith("_base")
+    )
     assert f"parameters: {trained:,} trained, {trained:,} frozen" in out
     # import-official wrote the loader files; without them, inspect says how to add them
     assert f"loader files: pipeline.py and tlora_*.py, written by pipelines.tlora {tl.__version__}" in out
@@ -563,14 +558,7 @@ def test_inspect_both_layouts(attention_shapes, tmp_path, capsys):
 
 def test_cli_runs_as_a_script(attention_shapes, tmp_path, capsys):
     ours = import_checkpoint(tmp_path, attention_shapes, "vanilla", capsys)
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert_tlora.py"), "inspect", str(ours / tl.WEIGHT_NAME)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
+    result = run_script("scripts/convert_tlora.py", "inspect", ours / tl.WEIGHT_NAME, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "variant: vanilla" in result.stdout and f"rank: {RANK}, min_rank: {MIN_RANK}" in result.stdout
 
@@ -620,7 +608,9 @@ def test_inconsistent_shapes_are_refused(attention_shapes, tmp_path, capsys):
     checkpoint = write_official_run(tmp_path / "run", tensors, hparams_for("vanilla"))
     assert_refused(capsys, "import-official", checkpoint, tmp_path / "out", match="not the factors of one")
 
-    wider = write_official_run(tmp_path / "run2", official_tensors(attention_shapes, "vanilla"), hparams_for("vanilla"))
+    wider = write_official_run(
+        tmp_path / "run2", official_tensors(attention_shapes, "vanilla"), hparams_for("vanilla")
+    )
     assert_refused(capsys, "import-official", wider, tmp_path / "out", "--rank", 16, match="has rank 8, but rank 16")
 
     lam = official_tensors(attention_shapes, "ortho")
@@ -713,8 +703,10 @@ def test_a_folder_with_both_layouts_is_refused_naming_both(attention_shapes, tmp
     commands = (["inspect"], ["export-lora", tmp_path / "x"], ["import-official", tmp_path / "y"])
     for command in ([name, checkpoint, *rest] for name, *rest in commands):
         assert_refused(
-            capsys, *command, match="holds both pytorch_tlora_weights.safetensors (this package's T-LoRA) and "
-            "pytorch_lora_weights.safetensors"
+            capsys,
+            *command,
+            match="holds both pytorch_tlora_weights.safetensors (this package's T-LoRA) and "
+            "pytorch_lora_weights.safetensors",
         )
     assert run_cli(capsys, "inspect", checkpoint / tl.WEIGHT_NAME)[0] == 0
 
@@ -729,4 +721,3 @@ def test_paths_may_start_with_a_tilde_and_never_be_empty(attention_shapes, tmp_p
             main([str(part) for part in argv])
         assert stopped.value.code == 2
         assert "must not be empty" in capsys.readouterr().err
-

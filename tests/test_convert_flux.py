@@ -20,8 +20,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import pipelines.tlora as tl
-from tests.test_convert import assert_refused, run_cli
-from tests.tlora_testing import add_random_tlora, flux_inputs
+
+from tests.tlora_testing import add_random_tlora, assert_refused, flux_inputs, run_cli
 
 RANK, MIN_RANK = 8, 3
 BASE_MODEL = "black-forest-labs/FLUX.1-dev"
@@ -161,8 +161,9 @@ def test_import_reproduces_the_authors_flux_forward(flux_transformer, tiny_flux_
     for sigma in SIGMAS:
         active_rank = authors_rank(1000 * sigma) if masked else RANK
         outputs[sigma] = transformer_output(transformer, sigma)
-        torch.testing.assert_close(outputs[sigma], authors_output(flux_transformer, tensors, sigma, active_rank),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            outputs[sigma], authors_output(flux_transformer, tensors, sigma, active_rank), atol=1e-5, rtol=0
+        )
     # the adapter does something, and, when masked, something different per timestep
     assert (outputs[1.0] - transformer_output(flux_transformer, 1.0)).abs().max() > 1e-3
     assert ((outputs[1.0] - authors_output(flux_transformer, tensors, 1.0, RANK)).abs().max() > 1e-4) == masked
@@ -233,8 +234,9 @@ def test_export_lora_for_flux_loads_in_the_stock_pipeline(flux_transformer, tiny
     expected = transformer_output(transformer, sigma)
     elsewhere = transformer_output(transformer, 1.0)
 
-    code, printed, err = run_cli(capsys, "export-lora", tmp_path / "ours.safetensors", tmp_path / "lora",
-                                 "--timestep", 1000 * sigma)
+    code, printed, err = run_cli(
+        capsys, "export-lora", tmp_path / "ours.safetensors", tmp_path / "lora", "--timestep", 1000 * sigma
+    )
     assert code == 0, err
     keys = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")).keys()
     assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight" in keys
@@ -246,8 +248,15 @@ def test_export_lora_for_flux_loads_in_the_stock_pipeline(flux_transformer, tiny
     assert (transformer_output(base, 1.0) - elsewhere).abs().max() > 1e-4  # the timestep dependence is gone
 
     for tool in ("kohya", "comfyui"):  # the kohya layout names SD-XL modules
-        assert_refused(capsys, "export-lora", tmp_path / "ours.safetensors", tmp_path / "k", "--for", tool,
-                       match="--for diffusers")
+        assert_refused(
+            capsys,
+            "export-lora",
+            tmp_path / "ours.safetensors",
+            tmp_path / "k",
+            "--for",
+            tool,
+            match="--for diffusers",
+        )
 
 
 def test_inspect_knows_the_flux_family(flux_transformer, tmp_path, capsys):
@@ -290,12 +299,22 @@ BAD_CHECKPOINTS = [
         f"needs more than weights-only unpickling (it holds a {NotATensor.__module__}.NotATensor object)",
     ),
     ("non-tensor value", _tensors_with(lambda t: t.update(step=3)), {}, "are not named tensors"),
-    ("unknown key", _tensors_with(lambda t: t.update({"transformer_blocks.0.attn.processor.to_x_lora.down.weight":
-                                                      torch.zeros(RANK, 32)})), {}, "Unexpected key"),
+    (
+        "unknown key",
+        _tensors_with(
+            lambda t: t.update({"transformer_blocks.0.attn.processor.to_x_lora.down.weight": torch.zeros(RANK, 32)})
+        ),
+        {},
+        "Unexpected key",
+    ),
     (
         "rank contradicts hparams",
-        _tensors_with(lambda t: t.update({k: v[:4] for k, v in t.items() if k.endswith("down.weight")}
-                                         | {k: v[:, :4] for k, v in t.items() if k.endswith("up.weight")})),
+        _tensors_with(
+            lambda t: t.update(
+                {k: v[:4] for k, v in t.items() if k.endswith("down.weight")}
+                | {k: v[:, :4] for k, v in t.items() if k.endswith("up.weight")}
+            )
+        ),
         {},
         f"but rank {RANK}",
     ),

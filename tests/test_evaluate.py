@@ -4,9 +4,6 @@ an end-to-end run on the tiny SD-XL with tiny random CLIP and DINO models, resum
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,8 @@ from PIL import Image
 from scripts import evaluate
 from scripts.eval_metrics import MASK_FILL, apply_mask, cosine_matrix, image_similarity, text_similarity
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.tlora_testing import run_script
+
 TINY_VISION = dict(
     image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
 )
@@ -49,7 +47,9 @@ def clip_dir(tmp_path_factory) -> Path:
         **{k: v for k, v in TINY_VISION.items() if k not in ("image_size", "patch_size")},
     )
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text_config, vision_config=TINY_VISION, projection_dim=16)).save_pretrained(folder)
+    CLIPModel(CLIPConfig(text_config=text_config, vision_config=TINY_VISION, projection_dim=16)).save_pretrained(
+        folder
+    )
     tokenizer.save_pretrained(folder)
     # Written as JSON so that the test does not depend on which image processor class transformers picks.
     processor = {
@@ -99,7 +99,9 @@ def adapter_files(tiny_sdxl_dir, tmp_path_factory) -> dict[str, Path]:
     tl.remove_tlora(unet)
 
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(config.target_modules), init_lora_weights=False))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=list(config.target_modules), init_lora_weights=False)
+    )
     StableDiffusionXLPipeline.save_lora_weights(root / "dog-lora", unet_lora_layers=get_peft_model_state_dict(unet))
     files["lora"] = root / "dog-lora" / "pytorch_lora_weights.safetensors"
     return files
@@ -449,8 +451,10 @@ def test_a_folder_with_two_kinds_of_weights_is_refused(adapter_files, tmp_path):
     folder.mkdir()
     for source in (adapter_files["tlora"], adapter_files["lora"]):
         (folder / source.name).write_bytes(source.read_bytes())
-    with pytest.raises(evaluate.EvaluationError, match="holds both pytorch_tlora_weights.safetensors .* and "
-                       "pytorch_lora_weights.safetensors"):
+    with pytest.raises(
+        evaluate.EvaluationError,
+        match="holds both pytorch_tlora_weights.safetensors .* and pytorch_lora_weights.safetensors",
+    ):
         evaluate.parse_adapter(str(folder))
     assert evaluate.parse_adapter(str(folder / "pytorch_lora_weights.safetensors")).kind == "lora"
 
@@ -463,13 +467,7 @@ def test_results_with_nan_are_never_written_as_bare_nan(tmp_path):
 
 def test_command_line_exit_code_and_message(tmp_path):
     argv = ["--pretrained_model_name_or_path", "x", "--adapter", "none", "--concept", CONCEPT, "--output_dir"]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), *argv, str(tmp_path), "--real_images", "nowhere"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=tmp_path,
-    )
+    result = run_script("scripts/evaluate.py", *argv, tmp_path, "--real_images", "nowhere", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: --real_images: nowhere does not exist"
     assert "Traceback" not in result.stderr

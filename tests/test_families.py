@@ -17,8 +17,9 @@ from torch import nn
 import pipelines.tlora as tl
 from pipelines.tlora.file_format import TLoraFileError, read_safetensors
 from pipelines.tlora.injection import TLoraInjectionError, get_router
-from tests.tlora_testing import add_random_tlora, flux_inputs, generate
 from training.quantization import quantize_linear_layers
+
+from tests.tlora_testing import add_random_tlora, flux_inputs, generate
 
 FLUX_DOUBLE = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
 FLUX_SINGLE = ("to_q", "to_k", "to_v")
@@ -64,7 +65,9 @@ def test_flux_default_targets_are_the_authors_projections(tiny_flux_pipe):
     transformer = tiny_flux_pipe.transformer
     config = add_random_tlora(transformer)
     assert config.variant == "vanilla" and config.model_family == "flux"
-    expected = {f"transformer_blocks.{i}.attn.{p}" for i in range(len(transformer.transformer_blocks)) for p in FLUX_DOUBLE}
+    expected = {
+        f"transformer_blocks.{i}.attn.{p}" for i in range(len(transformer.transformer_blocks)) for p in FLUX_DOUBLE
+    }
     expected |= {
         f"single_transformer_blocks.{i}.attn.{p}"
         for i in range(len(transformer.single_transformer_blocks))
@@ -270,14 +273,20 @@ def test_flux_ip_adapter_keeps_tlora(tiny_flux_pipe):
     processors = {}
     for name in transformer.attn_processors:
         if name.startswith("transformer_blocks."):
-            processors[name] = FluxIPAdapterAttnProcessor(inner, config.joint_attention_dim, scale=1.0, num_tokens=(4,))
+            processors[name] = FluxIPAdapterAttnProcessor(
+                inner, config.joint_attention_dim, scale=1.0, num_tokens=(4,)
+            )
         else:
             processors[name] = transformer.attn_processors[name]
     ip_processors = [p for p in processors.values() if isinstance(p, FluxIPAdapterAttnProcessor)]
     transformer.set_attn_processor(processors)  # empties `processors`
     image_dim = 16
     transformer.encoder_hid_proj = diffusers.models.embeddings.MultiIPAdapterImageProjection(
-        [ImageProjection(image_embed_dim=image_dim, cross_attention_dim=config.joint_attention_dim, num_image_text_embeds=4)]
+        [
+            ImageProjection(
+                image_embed_dim=image_dim, cross_attention_dim=config.joint_attention_dim, num_image_text_embeds=4
+            )
+        ]
     )
     embeds = [torch.randn(1, 1, image_dim, generator=torch.Generator().manual_seed(4))]
     with torch.no_grad():
@@ -328,7 +337,9 @@ def test_quantized_flux_base_loads_runs_and_trains(tiny_flux_pipe, mode):
     assert adapter.up.grad is not None and adapter.up.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in transformer.named_parameters() if ".tlora." not in n)
     with pytest.raises(TLoraInjectionError, match="quantised"):
-        tl.inject_tlora(transformer, tl.TLoraConfig.for_family("flux", rank=4, variant="ortho", init="weight-last"), "w")
+        tl.inject_tlora(
+            transformer, tl.TLoraConfig.for_family("flux", rank=4, variant="ortho", init="weight-last"), "w"
+        )
 
 
 def test_adapters_of_another_family_are_refused_naming_both(tiny_pipe, tiny_sd_pipe, tiny_flux_pipe, tmp_path):

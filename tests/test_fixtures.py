@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.tlora_testing import REPO_ROOT, generate, run_script
 
 PROMPT = "a photo of sks dog"
 FAMILIES = ("sd", "sdxl", "flux")
@@ -29,16 +26,12 @@ def _betas(scheduler_config) -> tuple:
 
 
 def _image_module():
-    spec = importlib.util.spec_from_file_location("make_example_image", REPO_ROOT / "examples" / "make_example_image.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_example_image", REPO_ROOT / "examples" / "make_example_image.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _generate(pipe, seed, **kwargs):
-    kwargs.setdefault("num_inference_steps", 2)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return pipe(PROMPT, generator=generator, output_type="np", **kwargs).images
 
 
 def test_folder_loads_offline(tiny_sdxl_dir):
@@ -101,7 +94,10 @@ def test_tiny_config_and_attention_width(tiny_pipe):
 
 
 def test_tokenizers_match_text_encoders(tiny_pipe):
-    for tokenizer, encoder in ((tiny_pipe.tokenizer, tiny_pipe.text_encoder), (tiny_pipe.tokenizer_2, tiny_pipe.text_encoder_2)):
+    for tokenizer, encoder in (
+        (tiny_pipe.tokenizer, tiny_pipe.text_encoder),
+        (tiny_pipe.tokenizer_2, tiny_pipe.text_encoder_2),
+    ):
         assert len(tokenizer) == encoder.config.vocab_size
         assert tokenizer.model_max_length == 77
         assert encoder.config.eos_token_id == tokenizer.eos_token_id
@@ -127,9 +123,9 @@ def test_every_family_loads_offline_and_generates(family, request):
     pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
 
-    first = _generate(pipe, seed=0, height=64, width=64)
-    second = _generate(pipe, seed=0, height=64, width=64)
-    other = _generate(pipe, seed=1, height=64, width=64)
+    first = generate(pipe, steps=2, seed=0, height=64, width=64)
+    second = generate(pipe, steps=2, seed=0, height=64, width=64)
+    other = generate(pipe, steps=2, seed=1, height=64, width=64)
     assert first.shape == (1, 64, 64, 3)
     assert first.dtype == np.float32
     assert np.isfinite(first).all() and first.min() >= 0.0 and first.max() <= 1.0
@@ -137,7 +133,7 @@ def test_every_family_loads_offline_and_generates(family, request):
     assert not np.array_equal(first, other)
     if family != "flux":  # FluxPipeline defaults to 1024 px whatever the model
         # Default size comes from unet.config.sample_size * vae_scale_factor.
-        assert _generate(pipe, seed=0).shape == (1, 64, 64, 3)
+        assert generate(pipe, steps=2, seed=0).shape == (1, 64, 64, 3)
 
 
 def test_sd_fixture_is_shaped_like_sd15(tiny_sd_pipe):
@@ -204,7 +200,7 @@ def test_flux_prompt_lengths(tiny_flux_pipe, max_sequence_length):
     assert prompt_embeds.shape == (1, max_sequence_length, pipe.transformer.config.joint_attention_dim)
     assert pooled.shape == (1, pipe.transformer.config.pooled_projection_dim)
     assert text_ids.shape == (max_sequence_length, 3)
-    image = _generate(pipe, seed=0, height=64, width=64, max_sequence_length=max_sequence_length)
+    image = generate(pipe, steps=2, seed=0, height=64, width=64, max_sequence_length=max_sequence_length)
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
@@ -294,7 +290,7 @@ def test_img2img_runs(tiny_sdxl_dir, example_image_path):
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.set_progress_bar_config(disable=True)
     image = Image.open(example_image_path).convert("RGB").resize((64, 64))
-    out = _generate(pipe, seed=0, image=image, strength=0.5, num_inference_steps=4)
+    out = generate(pipe, steps=4, seed=0, image=image, strength=0.5)
     assert out.shape == (1, 64, 64, 3)
 
 
@@ -325,12 +321,7 @@ def test_weights_depend_only_on_seed(family, request):
 
 def test_cli_refuses_non_empty_out_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("do not touch")
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_pipeline.py"), str(tmp_path), "--family", "flux"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script("scripts/make_tiny_pipeline.py", tmp_path, "--family", "flux")
     assert result.returncode == 2, result.stderr
     assert "not an empty directory" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

@@ -8,6 +8,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 import pipelines.tlora as tl
 from pipelines.tlora.injection import TLoraInjectionError, get_router
+
 from tests.tlora_testing import add_random_tlora, generate, run_unet, unet_inputs
 
 

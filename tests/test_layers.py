@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pipelines.tlora import OrthoTLoraAdapter, RankState, TLoraConfig, VanillaTLoraAdapter, rank_mask
+
 from tests.tlora_testing import perturb_adapters
 
 IN, OUT, RANK = 48, 40, 16
@@ -47,7 +48,9 @@ def test_ortho_init_picks_singular_triplets():
 
 def vanilla():
     adapter = VanillaTLoraAdapter(IN, OUT, RANK)
-    adapter.initialize(TLoraConfig(rank=RANK, variant="vanilla", init="normal"), generator=torch.Generator().manual_seed(0))
+    adapter.initialize(
+        TLoraConfig(rank=RANK, variant="vanilla", init="normal"), generator=torch.Generator().manual_seed(0)
+    )
     return adapter
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import pipelines.tlora as tl
 from pipelines.tlora import loader
-from tests.tlora_testing import add_random_tlora, generate
+
+from tests.tlora_testing import add_random_tlora, generate, read_safetensors_file
 
 SDXL_CLASSES = (
     "StableDiffusionXLPipeline",
@@ -74,10 +74,8 @@ def test_registration_is_idempotent_and_never_overrides():
 def test_file_layout_matches_the_format(saved_adapter):
     folder = saved_adapter
     path = folder / tl.WEIGHT_NAME
-    with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
-        metadata = json.loads(handle.metadata()["tlora_config"])
-    assert metadata == {
+    tensors, metadata = read_safetensors_file(path)
+    assert json.loads(metadata["tlora_config"]) == {
         "format": "tlora",
         "format_version": 1,
         "variant": "ortho",
@@ -91,17 +89,20 @@ def test_file_layout_matches_the_format(saved_adapter):
         "base_model": "tiny-sdxl",
     }
     path_of = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-    assert {f"unet.{path_of}.tlora.{p}" for p in ("down", "up", "lambda", "down_base", "up_base", "lambda_base")} <= keys
-    assert len(keys) == 6 * 24 * 4  # six tensors, four projections of 24 attention modules
-    with safe_open(str(path), framework="pt") as handle:
-        assert handle.get_tensor(f"unet.{path_of}.tlora.down").shape == (16, 64)
-        assert handle.get_tensor(f"unet.{path_of}.tlora.lambda").shape == (16,)
+    assert {
+        f"unet.{path_of}.tlora.{p}" for p in ("down", "up", "lambda", "down_base", "up_base", "lambda_base")
+    } <= tensors.keys()
+    assert len(tensors) == 6 * 24 * 4  # six tensors, four projections of 24 attention modules
+    assert tensors[f"unet.{path_of}.tlora.down"].shape == (16, 64)
+    assert tensors[f"unet.{path_of}.tlora.lambda"].shape == (16,)
     assert not list(folder.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("variant", ["ortho", "vanilla"])
 def test_save_load_round_trip_gives_identical_images(tiny_pipe, tmp_path, variant):
-    config = add_random_tlora(tiny_pipe.unet, variant=variant, init="normal" if variant == "vanilla" else "random-last")
+    config = add_random_tlora(
+        tiny_pipe.unet, variant=variant, init="normal" if variant == "vanilla" else "random-last"
+    )
     expected = generate(tiny_pipe)
     tiny_pipe.save_tlora_weights(tmp_path, tl.get_tlora_state_dict(tiny_pipe), config)
     tiny_pipe.unload_tlora_weights()
@@ -211,9 +212,7 @@ def test_hub_repo_id(tiny_pipe, adapter_dir, monkeypatch):
 
 def corrupt(folder, tmp_path, change):
     """Copy the adapter file with `change(tensors, config_dict)` applied; returns the new file."""
-    with safe_open(str(folder / tl.WEIGHT_NAME), framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        metadata = dict(handle.metadata())
+    tensors, metadata = read_safetensors_file(folder / tl.WEIGHT_NAME)
     config = json.loads(metadata["tlora_config"])
     metadata = change(tensors, config) or {"tlora_config": json.dumps(config)}
     path = tmp_path / "broken.safetensors"
@@ -271,7 +270,11 @@ def _raw_config(text):
     [
         (_nan, tl.TLoraFileError, "contains NaN or Inf"),
         (_inf, tl.TLoraFileError, "contains NaN or Inf"),
-        (_shape, tl.TLoraFileError, r"Shape mismatch for '.*attn1.to_q.tlora.down': the file has \(16, 96\), .* \(16, 64\)"),
+        (
+            _shape,
+            tl.TLoraFileError,
+            r"Shape mismatch for '.*attn1.to_q.tlora.down': the file has \(16, 96\), .* \(16, 64\)",
+        ),
         (_missing, tl.TLoraFileError, r"Missing keys for module .*attn1.to_q.*tlora.up_base"),
         (_unexpected, tl.TLoraFileError, "unknown T-LoRA parameter 'scale': a 'ortho' adapter has down, up, lambda"),
         (_unknown_module, tl.TLoraFileError, "not a linear projection of this UNet"),

@@ -17,14 +17,14 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import pytest
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import pipelines.tlora as tl
 from pipelines.tlora.families import denoiser_of
 from pipelines.tlora.remote_code import loader_files, write_loader_files
 from scripts.convert_tlora import main
-from tests.tlora_testing import add_random_tlora, generate
+
+from tests.tlora_testing import add_random_tlora, generate, read_safetensors_file
 
 PACKAGE_DIR = Path(tl.__file__).parent
 
@@ -150,9 +150,8 @@ def test_zero_install_loading_equals_the_plugin(request, tmp_path, family):
 def test_adapter_of_another_format_names_both_versions(tiny_pipe, tmp_path):
     config = add_random_tlora(tiny_pipe.unet, rank=4, min_rank=2)
     path = tiny_pipe.save_tlora_weights(tmp_path, tl.get_tlora_state_dict(tiny_pipe), config)
-    with safe_open(str(path), framework="pt") as handle:
-        assert handle.metadata()["tlora_version"] == tl.__version__
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    tensors, metadata = read_safetensors_file(path)
+    assert metadata["tlora_version"] == tl.__version__
     future = dict(config.to_dict(), format_version=2)
     save_file(tensors, str(path), metadata={"tlora_config": json.dumps(future), "tlora_version": "9.9.9"})
     tl.remove_tlora(tiny_pipe.unet)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from scripts import toy_world
 from scripts.toy_training import load_checkpoint, save_checkpoint, train_phase, world_batch
 
-EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "concept.png"
+from tests.tlora_testing import EXAMPLE_IMAGE
 
 
 def _scene(**changes) -> toy_world.Scene:

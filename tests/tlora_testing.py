@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: non-trivial adapters and direct UNet inputs for the tiny SD-XL, and training
-runs of the `train_tlora_<family>.py` scripts (in this process or through `accelerate launch`)."""
+"""Helpers shared by the tests: non-trivial adapters and direct UNet inputs for the tiny SD-XL, reading a
+safetensors file independently of the package, running a script as a user would, and training runs of the
+`train_tlora_<family>.py` scripts (in this process or through `accelerate launch`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
+from safetensors import safe_open
 
 import pipelines.tlora as tl
 import training.hub
@@ -39,7 +41,9 @@ def add_random_tlora(denoiser, seed: int = 0, adapter_name: str = "default", **c
     defaults (FLUX: vanilla, the authors' projections)."""
     family = tl.family_of_denoiser(denoiser)
     settings = {"rank": 16, "min_rank": 8, **config_kwargs}
-    config = tl.TLoraConfig(**settings) if family.name == "sdxl" else tl.TLoraConfig.for_family(family.name, **settings)
+    config = (
+        tl.TLoraConfig(**settings) if family.name == "sdxl" else tl.TLoraConfig.for_family(family.name, **settings)
+    )
     adapters = tl.inject_tlora(denoiser, config, adapter_name, generator=torch.Generator().manual_seed(seed))
     perturb_adapters(adapters, seed + 1)
     return config
@@ -87,6 +91,40 @@ def flux_inputs(transformer, batch: int = 2, seed: int = 0, tokens: int = 16, te
     if config.guidance_embeds:
         inputs["guidance"] = torch.full((batch,), 3.5)
     return inputs
+
+
+def read_safetensors_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file, read by the safetensors library rather than the package's
+    own reader, so that a test of what the package wrote does not trust the package to read it."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def run_script(script: str, *argv, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python <script> ARGV` in a child process, `script` relative to the repository root, as a user types it:
+    without this process's PYTHON* variables, so the script has to find the project's packages by itself."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    env |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO_ROOT / script), *map(str, argv)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """scripts/convert_tlora.py's `main(ARGV)` in this process: (exit code, stdout, stderr)."""
+    from scripts.convert_tlora import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(capsys, *argv, match: str) -> str:
+    """scripts/convert_tlora.py ARGV exits with 2 and a one-line error (no traceback) containing `match`."""
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert match in err, err
+    return err
 
 
 def generate(pipe, prompt: str = "a photo of sks dog", steps: int = 3, seed: int = 0, **kwargs):

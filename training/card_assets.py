@@ -308,8 +308,8 @@ def usage_section(
     `sampling` holds the keyword arguments of the pipeline call, e.g. "num_inference_steps=25, guidance_scale=5.0".
     """
     call = f"image = pipe({prompt!r}, {sampling}).images[0]"
-    with_project = f"""With the project that trained it installed, its `pipelines.tlora` package adds `load_tlora_weights`
-to the stock pipelines:
+    with_project = f"""With the project that trained it installed, its `pipelines.tlora` package adds
+`load_tlora_weights` to the stock pipelines:
 
 ```python
 import torch

@@ -62,7 +62,7 @@ class ModelFamily:
 
     @property
     def denoiser_label(self) -> str:
-        """"UNet" or "transformer", for messages."""
+        """The denoiser's name in messages: "UNet" or "transformer"."""
         return "UNet" if self.denoiser_attribute == "unet" else self.denoiser_attribute
 
     def call_timesteps(self, args: tuple, kwargs: dict):

@@ -101,8 +101,10 @@ def pack_layers(tlora_layers: dict[str, torch.Tensor], prefix: str) -> dict[str,
     for key, value in tlora_layers.items():
         other = _other_prefix(key, prefix)
         if other is not None:
-            raise TLoraFileError(f"Key {key!r} belongs to a `{other[:-1]}`, but the adapter's config is for a "
-                                 f"`{prefix[:-1]}` (see `model_family`).")
+            raise TLoraFileError(
+                f"Key {key!r} belongs to a `{other[:-1]}`, but the adapter's config is for a "
+                f"`{prefix[:-1]}` (see `model_family`)."
+            )
         packed[key if key.startswith(prefix) else prefix + key] = value
     return packed
 
@@ -162,7 +164,9 @@ def _describe_foreign_keys(keys) -> str | None:
             "It looks like a checkpoint of the T-LoRA authors' code; convert it with "
             "`python scripts/convert_tlora.py import-official CHECKPOINT_DIR OUT_DIR`."
         )
-    if any(marker in k for k in keys for marker in ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up")):
+    if any(
+        marker in k for k in keys for marker in ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up")
+    ):
         return "It looks like a standard LoRA; load it with `pipe.load_lora_weights(...)` instead."
     return None
 

@@ -5,9 +5,9 @@ part of a diffusers denoiser that everything else replaces (SDPA vs xformers, IP
 processors), so an adapter living there is lost whenever one of those is switched on. The projection
 modules (`to_q`, `to_k`, `to_v`, `to_out.0`, and FLUX's `add_*_proj`) are called by every processor. Each
 adapted projection keeps its own class; its adapters sit in a `tlora` child `ModuleDict` and a forward hook adds
-their update to the projection's output. PEFT (`pipe.load_lora_weights`) wraps a projection by moving it to `base_layer`,
-which keeps the hook, so both kinds of adapters add up. A quantised projection (bitsandbytes `Linear4bit`,
-`Linear8bitLt`) is still an `nn.Linear` and is adapted the same way; its adapters take the compute dtype.
+their update to the projection's output. PEFT (`pipe.load_lora_weights`) wraps a projection by moving it to
+`base_layer`, which keeps the hook, so both kinds of adapters add up. A quantised projection (bitsandbytes
+`Linear4bit`, `Linear8bitLt`) is still an `nn.Linear` and is adapted the same way; its adapters take the compute dtype.
 
 The timesteps come from the denoiser's own forward arguments: a forward pre-hook on the denoiser reads them as
 its model family says (`families.py`: position, keyword, units) and turns them into one `RankState` per adapter

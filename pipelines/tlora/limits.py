@@ -85,7 +85,6 @@ def load_json(text: str, what: str, max_chars: int = MAX_TEXT_CHARS):
         raise ValueError(f"{what} is not valid JSON: {error}") from None
 
 
-
 def check_pickle_nesting(stream: bytes, what: str) -> None:
     """Refuse a pickle stream longer than `MAX_PICKLE_BYTES` or whose objects nest deeper than `MAX_NESTING`,
     found by walking its opcodes without building any object: hashing or printing a deeply nested object recurses

@@ -14,9 +14,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from torch import nn
 
 from .config import TLoraConfig
 from .families import denoiser_of, family_mismatch, family_of_denoiser

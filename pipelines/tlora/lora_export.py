@@ -55,7 +55,9 @@ def exact_timesteps(config: TLoraConfig, rank: int) -> tuple[int, int] | None:
     The schedule is monotone, so these bound one contiguous range.
     """
     timesteps = torch.arange(config.num_train_timesteps)
-    ranks = rank_schedule(timesteps, config.rank, config.min_rank, config.num_train_timesteps, config.schedule_exponent)
+    ranks = rank_schedule(
+        timesteps, config.rank, config.min_rank, config.num_train_timesteps, config.schedule_exponent
+    )
     hits = timesteps[ranks == rank]
     return None if hits.numel() == 0 else (int(hits[0]), int(hits[-1]))
 

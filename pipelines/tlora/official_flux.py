@@ -85,7 +85,9 @@ def flux_official_to_tlora_state_dict(state_dict: dict[str, torch.Tensor]) -> tu
     for key, tensor in state_dict.items():
         match = _KEY_PATTERN.match(key)
         if match is None:
-            raise TLoraFileError(f"Unexpected key {quote(key)}: the authors' FLUX checkpoints hold only {KEY_FORM} keys.")
+            raise TLoraFileError(
+                f"Unexpected key {quote(key)}: the authors' FLUX checkpoints hold only {KEY_FORM} keys."
+            )
         if match["kind"] == "single_transformer_blocks" and match["projection"] not in SINGLE_BLOCK_PROJECTIONS:
             unused += match["param"] == "up.weight"
             continue
