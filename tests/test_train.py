@@ -183,7 +183,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_sdxl_dir)
 def test_vanilla_run_with_gradient_checkpointing(tiny_sdxl_dir, tmp_path, tiny_pipe, caplog):
     output = tmp_path / "out"
     run_main(train, *base_args(
-        tiny_sdxl_dir, output, None, "--tlora_variant", "vanilla", "--gradient_checkpointing", "--max_train_steps", "2",
+        tiny_sdxl_dir, output, None, "--tlora_variant", "vanilla", "--gradient_checkpointing",
+        "--max_train_steps", "2",
         "--resume_from_checkpoint", "latest", "--validation_prompt", PROMPT, "--num_validation_images", "1",
         "--num_inference_steps", "2",
     ))  # fmt: skip
@@ -205,7 +206,9 @@ def test_export_for_tools_writes_and_uploads_the_files_other_tools_load(tiny_sdx
     run_main(train, *base_args(tiny_sdxl_dir, output, None, "--max_train_steps", "1", "--push_to_hub",
                                "--hub_token", "hf_test", "--export_for_tools"))  # fmt: skip
     node, kohya = "my-toy_tlora-node_ortho_r8-min4.safetensors", "my-toy_lora-rank16.safetensors"
-    assert {"README.md", tl.WEIGHT_NAME, "pipeline.py", "tlora_loader.py", node, kohya} <= set(calls["upload"]["files"])
+    assert {"README.md", tl.WEIGHT_NAME, "pipeline.py", "tlora_loader.py", node, kohya} <= set(
+        calls["upload"]["files"]
+    )
     card = (output / "README.md").read_text()
     assert f"| `{node}` | ComfyUI with the ComfyUI-T-LoRA custom nodes" in card
     assert f"| `{kohya}` | ComfyUI's LoraLoader" in card

@@ -289,7 +289,8 @@ def test_the_model_card_states_the_licence_of_the_base_model(base_model, tmp_pat
 def test_export_for_tools_writes_a_standard_lora_in_diffusers_layout(tiny_flux_dir, tiny_flux_pipe, tmp_path):
     output = tmp_path / "my-toy"
     run_main(train, *SMALL_RUN, *MINIMAL[2:], "--pretrained_model_name_or_path", tiny_flux_dir, "--output_dir", output,
-             "--optimizer", "adamw", "--mixed_precision", "no", "--max_train_steps", "1", "--export_for_tools")  # fmt: skip
+             "--optimizer", "adamw", "--mixed_precision", "no", "--max_train_steps", "1",
+             "--export_for_tools")  # fmt: skip
     lora = "my-toy_lora-rank8.safetensors"  # not diffusers' standard name: the folder holds the T-LoRA file
     assert sorted(path.name for path in output.glob("*.safetensors")) == [lora, tl.WEIGHT_NAME]
     assert not list(output.glob("*tlora-node*"))  # ComfyUI's T-LoRA node loads UNet adapters only

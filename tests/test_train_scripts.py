@@ -48,7 +48,18 @@ from tests.tlora_testing import (
 PROMPT = "a photo of sks toy"
 VALIDATION_PROMPT = "a photo of sks toy on the beach"
 RESOLUTION = 64
-SMALL_RUN = ["--resolution", RESOLUTION, "--rank", "8", "--learning_rate", "1e-2", "--seed", "0", "--report_to", "none"]
+SMALL_RUN = [
+    "--resolution",
+    RESOLUTION,
+    "--rank",
+    "8",
+    "--learning_rate",
+    "1e-2",
+    "--seed",
+    "0",
+    "--report_to",
+    "none",
+]
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,10 @@ def stop_with_ctrl_c_at_call(monkeypatch, script: Script, call: int) -> None:
 # {empty} a folder without one, {file} a file, {tmp} an empty folder, {sdxl} / {flux} a tiny model of that family.
 DATA = ["--instance_data_dir", "{examples}"]
 BAD_COMMAND_LINES = {
-    "missing instance folder": (["--instance_data_dir", "{tmp}/nope"], "--instance_data_dir {tmp}/nope does not exist"),
+    "missing instance folder": (
+        ["--instance_data_dir", "{tmp}/nope"],
+        "--instance_data_dir {tmp}/nope does not exist",
+    ),
     "empty instance folder": (["--instance_data_dir", "{empty}"], "holds no image files"),
     "no data": ([], "--instance_data_dir and --dataset_name"),
     "min_rank above rank": ([*DATA, "--rank", "8", "--min_rank", "9"], "--min_rank (9) must not exceed --rank (8)"),
@@ -266,7 +280,10 @@ BAD_COMMAND_LINES = {
 FAMILY_BAD_COMMAND_LINES = {
     "sdxl": {
         "snr_gamma negative": ([*DATA, "--snr_gamma=-1"], "argument --snr_gamma: must be a finite number > 0"),
-        "guidance nan": ([*DATA, "--guidance_scale", "nan"], "argument --guidance_scale: must be a finite number >= 0"),
+        "guidance nan": (
+            [*DATA, "--guidance_scale", "nan"],
+            "argument --guidance_scale: must be a finite number >= 0",
+        ),
         "xformers without xformers": (
             [*DATA, "--enable_xformers_memory_efficient_attention"],
             "--enable_xformers_memory_efficient_attention needs xformers",
@@ -282,14 +299,23 @@ FAMILY_BAD_COMMAND_LINES = {
             [*DATA, "--base_quantization", "nf4"],
             "--base_quantization nf4 needs bitsandbytes",
         ),
-        "unknown quantisation": ([*DATA, "--base_quantization", "fp8"], "argument --base_quantization: invalid choice"),
+        "unknown quantisation": (
+            [*DATA, "--base_quantization", "fp8"],
+            "argument --base_quantization: invalid choice",
+        ),
         "sequence over 512": ([*DATA, "--max_sequence_length", "513"], "--max_sequence_length must be at most 512"),
         "sequence under 1": (
             [*DATA, "--max_sequence_length", "0"],
             "argument --max_sequence_length: must be an integer >= 1",
         ),
-        "negative guidance": ([*DATA, "--guidance_scale=-1"], "argument --guidance_scale: must be a finite number >= 0"),
-        "guidance nan": ([*DATA, "--guidance_scale", "nan"], "argument --guidance_scale: must be a finite number >= 0"),
+        "negative guidance": (
+            [*DATA, "--guidance_scale=-1"],
+            "argument --guidance_scale: must be a finite number >= 0",
+        ),
+        "guidance nan": (
+            [*DATA, "--guidance_scale", "nan"],
+            "argument --guidance_scale: must be a finite number >= 0",
+        ),
         "validation guidance inf": (
             [*DATA, "--validation_guidance_scale", "inf"],
             "argument --validation_guidance_scale: must be a finite number >= 0, got 'inf'",
@@ -298,8 +324,14 @@ FAMILY_BAD_COMMAND_LINES = {
             [*DATA, "--validation_guidance_scale=-0.5"],
             "argument --validation_guidance_scale: must be a finite number >= 0",
         ),
-        "logit mean nan": ([*DATA, "--logit_mean", "nan"], "argument --logit_mean: must be a finite number, got 'nan'"),
-        "logit mean -inf": ([*DATA, "--logit_mean=-inf"], "argument --logit_mean: must be a finite number, got '-inf'"),
+        "logit mean nan": (
+            [*DATA, "--logit_mean", "nan"],
+            "argument --logit_mean: must be a finite number, got 'nan'",
+        ),
+        "logit mean -inf": (
+            [*DATA, "--logit_mean=-inf"],
+            "argument --logit_mean: must be a finite number, got '-inf'",
+        ),
         "logit std 0": ([*DATA, "--logit_std", "0"], "argument --logit_std: must be a finite number > 0, got '0'"),
         "logit std negative": ([*DATA, "--logit_std=-1"], "argument --logit_std: must be a finite number > 0"),
         "logit std inf": ([*DATA, "--logit_std", "inf"], "argument --logit_std: must be a finite number > 0"),
@@ -319,7 +351,12 @@ FAMILY_BAD_COMMAND_LINES = {
     },
 }
 # Cases that need a package to be missing: it is hidden from the checks.
-MISSING_PACKAGES = {"8-bit adam": "bitsandbytes", "nf4": "bitsandbytes", "prodigy": "prodigyopt", "dataset": "datasets"}
+MISSING_PACKAGES = {
+    "8-bit adam": "bitsandbytes",
+    "nf4": "bitsandbytes",
+    "prodigy": "prodigyopt",
+    "dataset": "datasets",
+}
 BAD_CASES = [(family, case) for family in SCRIPTS for case in [*BAD_COMMAND_LINES, *FAMILY_BAD_COMMAND_LINES[family]]]
 
 
@@ -549,8 +586,8 @@ def test_resuming_with_other_tlora_settings_is_refused(script, family_run, base_
     output = tmp_path / "out"
     shutil.copytree(family_run.output / "checkpoint-3", output / "checkpoint-3")
     with pytest.raises(InputError, match="rank: 8 in the checkpoint, 16 now"):
-        run_main(script.module, *base_args(script, base_model, output, None, "--rank", "16", "--resume_from_checkpoint",
-                                           "latest"))  # fmt: skip
+        run_main(script.module, *base_args(script, base_model, output, None, "--rank", "16",
+                                           "--resume_from_checkpoint", "latest"))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- failures, prior, Hub
@@ -736,7 +773,9 @@ FAMILY_AFTER_LOADING = {
     "sdxl": {"resolution too small": (["--resolution", "8"], "--resolution 8 is too small for this model: it needs")},
     "flux": {},
 }
-AFTER_LOADING_CASES = [(family, case) for family in SCRIPTS for case in [*AFTER_LOADING, *FAMILY_AFTER_LOADING[family]]]
+AFTER_LOADING_CASES = [
+    (family, case) for family in SCRIPTS for case in [*AFTER_LOADING, *FAMILY_AFTER_LOADING[family]]
+]
 
 
 @pytest.mark.parametrize(("family", "case"), AFTER_LOADING_CASES)

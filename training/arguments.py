@@ -273,7 +273,10 @@ def _add_optimization_arguments(optimization) -> None:
     optimization.add_argument("--adam_beta2", type=BETA, default=0.999, help="Adam / Prodigy beta2.")
     optimization.add_argument(
         # 0 would divide 0 by 0 for the rank components a mask keeps at zero gradient
-        "--adam_epsilon", type=bounded_float(0, low_open=True), default=1e-08, help="Adam / Prodigy epsilon."
+        "--adam_epsilon",
+        type=bounded_float(0, low_open=True),
+        default=1e-08,
+        help="Adam / Prodigy epsilon.",
     )
     optimization.add_argument("--adam_weight_decay", type=bounded_float(0), default=1e-04, help="Weight decay.")
     optimization.add_argument(

@@ -51,7 +51,9 @@ def node_settings(config: TLoraConfig) -> dict:
             f"schedule exponent {config.schedule_exponent:g} is outside the node's alpha range {low}..{high}"
         )
     if config.num_train_timesteps > NODE_TIMESTEP_LIMIT:
-        problems.append(f"T = {config.num_train_timesteps} exceeds the node's max_timestep limit {NODE_TIMESTEP_LIMIT}")
+        problems.append(
+            f"T = {config.num_train_timesteps} exceeds the node's max_timestep limit {NODE_TIMESTEP_LIMIT}"
+        )
     if problems:
         raise TLoraFileError(
             f"The {NODE_TITLE!r} node cannot reproduce this adapter's schedule: {'; '.join(problems)}. Export a "

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from .comfyui_export import check_loader, describe_settings, node_file_name, node_metadata, node_settings
 from .config import TLoraConfig, TLoraConfigError
+from .families import FLUX, SDXL, ModelFamily
 from .file_format import (
     METADATA_KEY,
     TENSOR_DTYPES,
@@ -47,7 +48,6 @@ from .file_format import (
     temporary_sibling,
     write_atomically,
 )
-from .families import FLUX, SDXL, ModelFamily
 from .limits import MAX_PICKLE_BYTES, check_pickle_nesting, load_json, quote
 from .loader import tlora_state_dict
 from .lora_export import DEFAULT_TOOL, TOOL_FORMATS, describe_export, freeze_tlora, lora_state_dict, rank_at_timestep

@@ -76,9 +76,7 @@ def _first_public_name(source: str) -> str:
 
 
 def _header(origin: str) -> str:
-    return (
-        f"{GENERATED_MARKER} {__version__} from {origin}; regenerate with `{REGENERATE_HINT}`, do not edit.\n"
-    )
+    return f"{GENERATED_MARKER} {__version__} from {origin}; regenerate with `{REGENERATE_HINT}`, do not edit.\n"
 
 
 def generated_module_text(name: str) -> str:
@@ -108,7 +106,9 @@ def pipeline_text(family_name: str, modules: list[str]) -> str:
 
 Load it with nothing but diffusers installed:
 
-    pipe = DiffusionPipeline.from_pretrained(BASE_MODEL, custom_pipeline=ADAPTER_REPO_OR_FOLDER, trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(
+        BASE_MODEL, custom_pipeline=ADAPTER_REPO_OR_FOLDER, trust_remote_code=True
+    )
     pipe.load_tlora_weights(ADAPTER_REPO_OR_FOLDER)
 """
 
@@ -156,9 +156,7 @@ def _check_closed(files: dict[str, str]) -> None:
                 raise LoaderFilesError(f"{file_name} imports .{module}, which is not among the loader files.")
 
 
-def write_loader_files(
-    folder: str | os.PathLike, family_name: str = SDXL.name, overwrite: bool = False
-) -> list[Path]:
+def write_loader_files(folder: str | os.PathLike, family_name: str = SDXL.name, overwrite: bool = False) -> list[Path]:
     """Write the loader files into `folder`; earlier generated ones are replaced, other files of those names are
     kept unless `overwrite`."""
     folder = Path(folder)
