@@ -99,9 +99,12 @@ demo: venv
 	$(PY) scripts/demo.py --family $(FAMILY) $(if $(filter sdxl,$(FAMILY)),--base_model $(TOY_MODELS)/toy-sdxl) \
 		$(DEMO_ARGS)
 
+# The toy CLIP trains alongside the base model (one core each); its log goes to outputs/toy-clip.log.
 toy-base: venv
-	HF_HUB_OFFLINE=1 $(PY) scripts/train_toy_base.py outputs/toy-sdxl
-	HF_HUB_OFFLINE=1 $(PY) scripts/train_toy_clip.py outputs/toy-clip
+	mkdir -p outputs
+	HF_HUB_OFFLINE=1 $(PY) scripts/train_toy_clip.py outputs/toy-clip > outputs/toy-clip.log 2>&1 & clip=$$!; \
+	HF_HUB_OFFLINE=1 $(PY) scripts/train_toy_base.py outputs/toy-sdxl || { kill $$clip; exit 1; }; \
+	wait $$clip || { echo "toy CLIP training failed: see outputs/toy-clip.log"; exit 1; }
 	HF_HUB_OFFLINE=1 $(PY) scripts/measure_toy_base.py --model outputs/toy-sdxl --clip_model outputs/toy-clip \
 		--output_dir outputs/toy-base-check
 

@@ -45,17 +45,24 @@ RESOLUTION = 64
 SAMPLING_STEPS = 20
 SEEDS = (0, 1)
 DEMO_RANK = 8
-DEMO_LEARNING_RATE = 1e-2
-DEMO_STEPS = 200
 SCHEDULE_PLOT = "rank_schedule.png"
-# Per family: the training script, the pipeline, the guidance it samples with, and the training flags that differ
-# from the family's defaults for a run on the CPU (FLUX: AdamW, as Prodigy's first steps are too small to show in a
-# short run; fp32, as bf16 is slow on most CPUs; a short T5 prompt length).
+# Per family: the pipeline, the guidance it samples with, the run's length and learning rate, and the training flags
+# that differ from the family's defaults for a run on the CPU. SD-XL: the toy experiment's recipe
+# (scripts/toy_experiment.py), min-SNR weighting included. FLUX: AdamW, as Prodigy's first steps are too small to
+# show in a short run; fp32, as bf16 is slow on most CPUs; a short T5 prompt length.
 FAMILIES = {
-    "sdxl": {"pipeline": "StableDiffusionXLPipeline", "guidance_scale": 5.0, "flags": []},
+    "sdxl": {
+        "pipeline": "StableDiffusionXLPipeline",
+        "guidance_scale": 5.0,
+        "steps": 600,
+        "learning_rate": 3e-3,
+        "flags": ["--snr_gamma", "5"],
+    },
     "flux": {
         "pipeline": "FluxPipeline",
         "guidance_scale": 3.5,
+        "steps": 200,
+        "learning_rate": 1e-2,
         "flags": ["--optimizer", "adamw", "--mixed_precision", "no", "--max_sequence_length", "64"],
     },
 }
@@ -73,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the base model folder (default for sdxl: the shipped models/toy-sdxl, built with train_toy_base.py "
         f"when missing, which takes about 30 minutes; for flux: a tiny random model in {RANDOM_FLUX_BASE})",
     )
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default {DEMO_STEPS})")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 600 for sdxl, 200 for flux)")
     parser.add_argument(
         "--readme-images", action="store_true", help=f"copy the grid and the card's plots to {README_IMAGES_DIR}"
     )
@@ -123,7 +130,7 @@ def train(model: Path, concept: Path, output_dir: Path, family: str, steps: int)
         "--instance_prompt", INSTANCE_PROMPT,
         "--resolution", str(RESOLUTION),
         "--rank", str(DEMO_RANK),
-        "--learning_rate", str(DEMO_LEARNING_RATE),
+        "--learning_rate", str(FAMILIES[family]["learning_rate"]),
         "--max_train_steps", str(steps),
         "--checkpointing_steps", str(max(1, steps // 2)),
         "--validation_prompt", *PROMPTS,
@@ -177,6 +184,8 @@ def compare(model: Path, adapter_dir: Path, family: str, grid_path: Path) -> Pat
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.steps is None:
+        args.steps = FAMILIES[args.family]["steps"]
     if args.steps < 1:
         print(f"error: --steps must be at least 1, got {args.steps}", file=sys.stderr)
         return 2

@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="pipeline folder to write (checkpoints go inside)")
     # The defaults are the shipped model's recipe (models/toy-sdxl).
     parser.add_argument("--vae_steps", type=int, default=1200, help="VAE steps, batch 16 (default 1200)")
-    parser.add_argument("--unet_steps", type=int, default=900, help="UNet steps (default 900)")
+    parser.add_argument("--unet_steps", type=int, default=6000, help="UNet steps (default 6000)")
     parser.add_argument("--unet_batch_size", type=int, default=16, help="UNet batch size (default 16)")
     parser.add_argument("--latent_pool", type=int, default=LATENT_POOL, help="pictures encoded for the UNet phase")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default 0)")

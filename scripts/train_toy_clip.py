@@ -145,7 +145,7 @@ def save_clip(out: Path, model, tokenizer) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (checkpoints go inside)")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps, batch 64 (default 1000)")
+    parser.add_argument("--steps", type=int, default=4000, help="training steps, batch 64 (default 4000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
