@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from scripts import toy_world  # noqa: E402
+from scripts.arguments import bounded_float  # noqa: E402
 from scripts.eval_metrics import ClipEmbedder, cosine_matrix  # noqa: E402
 
 ATTRIBUTES = ("shape", "colour", "context")
@@ -119,7 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", required=True, help="where report.json, report.md, samples.png go")
     parser.add_argument("--count", type=int, default=120, help="captions to test (default 120)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    parser.add_argument(
+        "--guidance_scale", type=bounded_float(0), default=5.0, help="classifier-free guidance (default 5)"
+    )
     parser.add_argument("--seed", type=int, default=1234, help="seed of the captions and the noise")
     args = parser.parse_args(argv)
     if args.count < 1 or args.steps < 1:

@@ -42,6 +42,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from scripts import toy_world  # noqa: E402
+from scripts.arguments import bounded_float  # noqa: E402
 
 CONCEPT = "sks toy"
 INSTANCE_PROMPT = f"a photo of {CONCEPT}"
@@ -81,8 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     # "a photo of sks toy" pictures take the concept's colours and face. Min-SNR weighting (diffusers' gamma 5)
     # because the noise-prediction loss is tiny at high noise, where the toy model lays out the picture.
     parser.add_argument("--steps", type=int, default=600, help="training steps per adapter (default 600)")
-    parser.add_argument("--learning_rate", type=float, default=3e-3, help="learning rate (default 3e-3)")
-    parser.add_argument("--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting (default 5)")
+    parser.add_argument(
+        "--learning_rate", type=bounded_float(0, low_open=True), default=3e-3, help="learning rate (default 3e-3)"
+    )
+    parser.add_argument(
+        "--snr_gamma", type=bounded_float(0, low_open=True), default=5.0, help="min-SNR loss weighting (default 5)"
+    )
     parser.add_argument("--context", default="pink background", help="the concept picture's context")
     parser.add_argument("--images_per_prompt", type=int, default=4, help="images per contextual prompt (4)")
     parser.add_argument("--base_prompt_images", type=int, default=8, help='images of "a photo of sks toy" (8)')

@@ -91,6 +91,8 @@ def test_a_tiny_experiment_trains_every_method_and_writes_table_and_plot(toy_mod
         (["--context", "moon"], "--context 'moon' is not a toy-world context"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--ranks", "0"], "--ranks must be at least 1"),
+        (["--learning_rate", "nan"], "argument --learning_rate: must be a finite number > 0, got 'nan'"),
+        (["--snr_gamma", "-5"], "argument --snr_gamma: must be a finite number > 0, got '-5'"),
     ],
 )
 def test_bad_experiment_settings_are_refused(tmp_path, capsys, extra, message):
