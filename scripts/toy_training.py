@@ -69,8 +69,9 @@ def load_checkpoint(
     tensors, metadata = read_safetensors(path)
     model.load_state_dict({name.removeprefix("model."): t for name, t in tensors.items() if name.startswith("model.")})
     if ema is not None:
+        weights = model.state_dict()
         for name, value in ema.items():
-            value.copy_(tensors.get(f"ema.{name}", model.state_dict()[name]))
+            value.copy_(tensors.get(f"ema.{name}", weights[name]))
     parameters = optimizer.param_groups[0]["params"]
     for index, adam_step in json.loads(metadata["adam_steps"]).items():
         index = int(index)
