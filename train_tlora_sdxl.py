@@ -257,9 +257,11 @@ def diffusion_loss(
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     instance, prior = per_sample[:num_instance], per_sample[num_instance:]
     if snr_gamma is not None:
-        # Min-SNR weighting (arXiv 2303.09556), on the instance loss as diffusers does.
+        # Min-SNR weighting (arXiv 2303.09556), on the instance loss as diffusers does: min(snr, gamma) / snr,
+        # written as min(1, gamma / snr) so that it takes its limit, 1, at the zero SNR of the last timestep of a
+        # zero-terminal-SNR schedule instead of 0 / 0.
         snr = compute_snr(noise_scheduler, timesteps[:num_instance])
-        weights = torch.clamp(snr, max=snr_gamma) / snr
+        weights = torch.clamp(snr_gamma / snr, max=1.0)
         instance = instance * (weights + 1 if prediction_type == "v_prediction" else weights)
     loss = instance.mean()
     if prior.numel():

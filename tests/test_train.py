@@ -161,6 +161,47 @@ def test_prior_preservation_loss_is_instance_plus_weighted_class_loss(tiny_sdxl_
     torch.testing.assert_close(combined, parts[0] + 0.5 * parts[1])
 
 
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_min_snr_weighting_matches_its_formula_up_to_the_last_timestep(tiny_sdxl_dir, zero_terminal_snr):
+    from diffusers import DDPMScheduler
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    prediction_type = "v_prediction" if zero_terminal_snr else "epsilon"
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = DDPMScheduler(**schedule, prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr)
+    latents, noise, conditioning = _batch(3)
+    timesteps, gamma = torch.tensor([0, 500, 999]), 5.0
+    with torch.no_grad():
+        loss = train.diffusion_loss(unet, scheduler, latents, noise, timesteps, conditioning, 3, gamma)
+
+    # The schedule from its definition: SD-XL's betas, and for zero terminal SNR Lin et al.'s rescaling
+    # (arXiv 2305.08891, algorithm 1) of sqrt(alpha_bar) to end at 0 and start where it started.
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    if zero_terminal_snr:
+        root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    signal, noise_level = root[timesteps].float(), (1 - root[timesteps] ** 2).sqrt().float()
+    noisy = signal[:, None, None, None] * latents + noise_level[:, None, None, None] * noise
+    with torch.no_grad():
+        prediction = unet(
+            noisy, timesteps, conditioning["encoder_hidden_states"],
+            added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]},
+        ).sample  # fmt: skip
+    if zero_terminal_snr:
+        target = signal[:, None, None, None] * noise - noise_level[:, None, None, None] * latents
+    else:
+        target = noise
+    snr = (signal / noise_level) ** 2
+    # min(snr, gamma) / snr, whose limit at snr = 0 is 1; diffusers adds 1 for v-prediction
+    weights = torch.tensor([min(s, gamma) / s if s > 0 else 1.0 for s in snr.tolist()])
+    weights = weights + 1 if zero_terminal_snr else weights
+    if zero_terminal_snr:
+        assert snr[-1] == 0
+    expected = (weights * ((prediction - target) ** 2).mean(dim=(1, 2, 3))).mean()
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_sdxl_dir):
     from diffusers import DDPMScheduler
 
