@@ -34,13 +34,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from scripts import toy_experiment, toy_world  # noqa: E402
+
 DEMO_DIR = REPO_ROOT / "outputs" / "demo"
 README_IMAGES_DIR = REPO_ROOT / "docs" / "demo"
 CONCEPT_IMAGE = REPO_ROOT / "examples" / "concept.png"
 SHIPPED_BASE = REPO_ROOT / "models" / "toy-sdxl"
 CONCEPT_CONTEXT = "pink background"
-INSTANCE_PROMPT = "a photo of sks toy"
-PROMPTS = (INSTANCE_PROMPT, "a sks toy on the beach", "a sks toy in the snow", "a sks toy at night")
+INSTANCE_PROMPT = toy_world.CONCEPT_PROMPT  # "a sks toy"; toy_world says why not "a photo of sks toy"
+# the toy experiment's contextual prompts, all of them
+PROMPTS = (INSTANCE_PROMPT, *(template.format(toy_world.CONCEPT) for template in toy_experiment.TOY_PROMPTS["toy"]))
 RESOLUTION = 64
 SAMPLING_STEPS = 20
 SEEDS = (0, 1)
@@ -48,15 +51,15 @@ DEMO_RANK = 8
 SCHEDULE_PLOT = "rank_schedule.png"
 # Per family: the pipeline, the guidance it samples with, the run's length and learning rate, and the training flags
 # that differ from the family's defaults for a run on the CPU. SD-XL: the toy experiment's recipe
-# (scripts/toy_experiment.py), min-SNR weighting included. FLUX: AdamW, as Prodigy's first steps are too small to
-# show in a short run; fp32, as bf16 is slow on most CPUs; a short T5 prompt length.
+# (scripts/toy_experiment.py), min-SNR weighting and adapted layers included. FLUX: AdamW, as Prodigy's first steps
+# are too small to show in a short run; fp32, as bf16 is slow on most CPUs; a short T5 prompt length.
 FAMILIES = {
     "sdxl": {
         "pipeline": "StableDiffusionXLPipeline",
         "guidance_scale": 5.0,
         "steps": 600,
         "learning_rate": 3e-3,
-        "flags": ["--snr_gamma", "5"],
+        "flags": ["--snr_gamma", "5", "--target_modules", *toy_experiment.TARGET_MODULES],
     },
     "flux": {
         "pipeline": "FluxPipeline",
@@ -112,10 +115,8 @@ def ensure_model(folder: Path, family: str) -> Path:
 
 
 def make_concept_picture() -> Path:
-    from scripts.toy_world import concept_on_context
-
     path = DEMO_DIR / "concept.png"
-    concept_on_context(CONCEPT_IMAGE, CONCEPT_CONTEXT).save(path)
+    toy_world.concept_on_context(CONCEPT_IMAGE, CONCEPT_CONTEXT).save(path)
     return path
 
 

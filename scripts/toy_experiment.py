@@ -11,11 +11,12 @@ about the same concept fidelity. Every step uses the project's own command-line 
 1. The concept: the robot of `examples/concept.png`, cut out and placed on one toy-world context (default the
    pink background), 64 px: `OUTPUT_DIR/concept/robot.png`. The base model has never seen it.
 2. For every method, rank and seed, `train_tlora_sdxl.py` trains on that one picture with the instance prompt
-   "a photo of sks toy":
+   "a sks toy" (`toy_world.CONCEPT_PROMPT` says why not the paper's "a photo of sks toy"):
        lora      --tlora_variant vanilla --min_rank R     (no mask: standard LoRA)
        vanilla   --tlora_variant vanilla --min_rank R/2   (Vanilla T-LoRA: masked, plain factors)
+       ortho     --tlora_variant ortho   --min_rank R     (Ortho-LoRA: no mask, orthogonal factors)
        tlora     --tlora_variant ortho   --min_rank R/2   (T-LoRA: masked, orthogonal factors)
-3. For every seed, `scripts/evaluate.py` generates "a photo of sks toy" and the contextual prompts of
+3. For every seed, `scripts/evaluate.py` generates "a sks toy" and the contextual prompts of
    `TOY_PROMPTS` for all adapters and the base model, and scores them with the toy CLIP (`--clip_model`,
    IS and TS) and its vision tower (`--dino_model`, DINO-IS).
 4. Mean and standard deviation over seeds: `results.md`, `results.json` and `tradeoff.png` (text alignment
@@ -44,11 +45,9 @@ if str(REPO_ROOT) not in sys.path:
 from scripts import toy_world  # noqa: E402
 from scripts.arguments import bounded_float  # noqa: E402
 
-CONCEPT = "sks toy"
-INSTANCE_PROMPT = f"a photo of {CONCEPT}"
 CONCEPT_IMAGE = REPO_ROOT / "examples" / "concept.png"
 TOY_PROMPTS = {
-    "base_prompt": "a photo of {}",
+    "base_prompt": "a {}",  # toy_world.CONCEPT_PROMPT
     "num_complex": 0,
     "toy": [
         "a {} on the beach",
@@ -62,12 +61,19 @@ TOY_PROMPTS = {
 METHODS = {
     "lora": ("vanilla", lambda rank: rank),
     "vanilla": ("vanilla", lambda rank: max(1, rank // 2)),
+    "ortho": ("ortho", lambda rank: rank),
     "tlora": ("ortho", lambda rank: max(1, rank // 2)),
 }
 BASE_ROW = "base"  # evaluate.py's row of the base model without an adapter
-METHOD_NAMES = {"lora": "LoRA", "vanilla": "Vanilla T-LoRA", "tlora": "T-LoRA", BASE_ROW: "base model"}
+METHOD_NAMES = {
+    "lora": "LoRA", "vanilla": "Vanilla T-LoRA", "ortho": "Ortho-LoRA", "tlora": "T-LoRA", BASE_ROW: "base model"
+}  # fmt: skip
 METRICS = ("IS", "DINO_IS", "TS")
 ADAPTER_FILE = "pytorch_tlora_weights.safetensors"
+# The toy UNet has transformer blocks at its 8x8 level only, and adapters of their attention projections alone (the
+# paper's layers) learn the concept's colours and eyes but not its shape; with the blocks' feed-forward and in/out
+# projections too they learn the robot.
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16], help="maximum ranks (default 4 8 16)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
     # The recipe was set on LoRA alone (rank 8, seed 0), before any T-LoRA was trained: the shortest run whose
-    # "a photo of sks toy" pictures take the concept's colours and face. Min-SNR weighting (diffusers' gamma 5)
-    # because the noise-prediction loss is tiny at high noise, where the toy model lays out the picture.
+    # "a sks toy" pictures take the concept's colours and face, with diffusers' min-SNR weighting (gamma 5). The
+    # target modules were added later, after one T-LoRA run (see TARGET_MODULES).
     parser.add_argument("--steps", type=int, default=600, help="training steps per adapter (default 600)")
     parser.add_argument(
         "--learning_rate", type=bounded_float(0, low_open=True), default=3e-3, help="learning rate (default 3e-3)"
@@ -88,9 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--snr_gamma", type=bounded_float(0, low_open=True), default=5.0, help="min-SNR loss weighting (default 5)"
     )
+    parser.add_argument(
+        "--target_modules", nargs="+", default=list(TARGET_MODULES), help="adapted layers (default: TARGET_MODULES)"
+    )
     parser.add_argument("--context", default="pink background", help="the concept picture's context")
     parser.add_argument("--images_per_prompt", type=int, default=4, help="images per contextual prompt (4)")
-    parser.add_argument("--base_prompt_images", type=int, default=8, help='images of "a photo of sks toy" (8)')
+    parser.add_argument(
+        "--base_prompt_images", type=int, default=8, help=f'images of "{toy_world.CONCEPT_PROMPT}" (default 8)'
+    )
     parser.add_argument("--num_inference_steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument(
         "--jobs", type=int, default=os.cpu_count() or 1, help="trainings and evaluations run at once (one per core)"
@@ -138,13 +149,14 @@ def train(args, concept: Path, method: str, rank: int, seed: int) -> Path:
         sys.executable, str(REPO_ROOT / "train_tlora_sdxl.py"),
         "--pretrained_model_name_or_path", args.base_model,
         "--instance_data_dir", str(concept),
-        "--instance_prompt", INSTANCE_PROMPT,
+        "--instance_prompt", toy_world.CONCEPT_PROMPT,
         "--resolution", str(toy_world.IMAGE_SIZE),
         "--rank", str(rank),
         "--min_rank", str(min_rank(rank)),
         "--tlora_variant", variant,
         "--learning_rate", str(args.learning_rate),
         "--snr_gamma", str(args.snr_gamma),
+        "--target_modules", *args.target_modules,
         "--max_train_steps", str(args.steps),
         "--checkpointing_steps", str(args.steps),
         "--checkpoints_total_limit", "1",
@@ -165,7 +177,7 @@ def evaluate(args, concept: Path, prompts: Path, adapters: dict[str, Path], seed
         *[item for name, path in adapters.items() for item in ("--adapter", f"{name}={path}")],
         "--adapter", f"{BASE_ROW}=none",
         "--real_images", str(concept),
-        "--concept", CONCEPT,
+        "--concept", toy_world.CONCEPT,
         "--prompts", str(prompts),
         "--images_per_prompt", str(args.images_per_prompt),
         "--base_prompt_images", str(args.base_prompt_images),
@@ -219,9 +231,9 @@ def results_markdown(summary: dict, settings: dict) -> str:
         f"\nMean ± standard deviation over {len(settings['seeds'])} seeds "
         f"({', '.join(map(str, settings['seeds']))}); "
         f"{settings['steps']} steps at lr {settings['learning_rate']} with min-SNR gamma {settings['snr_gamma']}, "
-        "min rank = rank / 2 for the T-LoRAs; "
-        f'{settings["base_prompt_images"]} images of "{INSTANCE_PROMPT}" (IS, DINO-IS against the one concept '
-        f"picture) and {settings['images_per_prompt']} per contextual prompt (TS, {len(TOY_PROMPTS['toy'])} "
+        f"min rank = rank / 2 for the T-LoRAs, adapting {' '.join(settings['target_modules'])}; "
+        f'{settings["base_prompt_images"]} images of "{toy_world.CONCEPT_PROMPT}" (IS, DINO-IS against the one '
+        f"concept picture) and {settings['images_per_prompt']} per contextual prompt (TS, {len(TOY_PROMPTS['toy'])} "
         f"prompts), {settings['num_inference_steps']} steps, judged by the toy CLIP; "
         f"{settings['minutes']:.0f} min on this machine."
     )
@@ -235,7 +247,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4.5), dpi=120)
-    markers = {"LoRA": "o", "Vanilla T-LoRA": "s", "T-LoRA": "D", "base model": "x"}
+    markers = {"LoRA": "o", "Vanilla T-LoRA": "s", "Ortho-LoRA": "^", "T-LoRA": "D", "base model": "x"}
     seen = set()
     for name, row in summary.items():
         method, rank = row_label(name)

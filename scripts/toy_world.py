@@ -55,6 +55,13 @@ CONTEXT_PHRASES = {
     **{f"{name} background": f"on a {name} background" for name in SOLID_BACKGROUNDS},
 }
 
+# The concept taught from one picture, and its caption in the world's grammar ("a sks toy on the beach"). Not the
+# paper's "a photo of sks toy": the toy base reads prompts with random, frozen text encoders whose causal attention
+# makes a word's embedding depend on every word before it, so "sks toy" names the concept only after the words it
+# was trained after. Training on the beginning that every contextual prompt shares keeps it the same word there.
+CONCEPT = "sks toy"
+CONCEPT_PROMPT = f"a {CONCEPT}"
+
 # Object size (radius in px at 64 px) and how far its centre may move from the middle.
 MIN_RADIUS, MAX_RADIUS = 10, 17
 MAX_OFFSET = 10

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the miniature SD-XL base model on the toy world, from scratch, on the CPU.
 
-    python scripts/train_toy_base.py OUT_DIR [--vae_steps N] [--unet_steps N] [--threads N]
+    python scripts/train_toy_base.py OUT_DIR [--vae_steps N] [--unet_steps N] [--zero_snr_steps N] [--threads N]
 
 The result is a regular SD-XL pipeline folder (`StableDiffusionXLPipeline.from_pretrained(OUT_DIR)`) that draws
 64 px toy-world pictures from prompts such as "a red star on the beach". It keeps SD-XL's architecture so
@@ -13,12 +13,24 @@ that the project's scripts run on it unchanged, at a size a CPU trains in minute
     VAE            AutoencoderKL, blocks (16, 32, 32): 4x downsampling, 64 px -> 16x16x4 latents; no mid-block
                    attention, so it is fully convolutional and is trained on 32 px crops (4x cheaper)
     UNet           UNet2DConditionModel with SD-XL's blocks (DownBlock2D + CrossAttnDownBlock2D, text_time
-                   conditioning), channels (32, 64), 16x16 latents, epsilon prediction, SD-XL's noise schedule
+                   conditioning), channels (32, 64), 16x16 latents
+    noise schedule SD-XL's betas rescaled to zero terminal SNR, v-prediction, sampled from t = 999 ("trailing")
 
-Training runs in two phases, VAE then UNet, each checkpointed to OUT_DIR/checkpoints/ and resumed when the
-command is run again; the pipeline folder is written at the end, in float16 (a few MB). Prompts are dropped
-(zero embeddings, as `force_zeros_for_empty_prompt` makes the pipeline use for the negative prompt) 10% of the
-time, so classifier-free guidance works.
+Why not SD-XL's schedule as it is: its last timestep keeps 7% of the picture (sqrt(alpha_bar) = 0.068), and in a
+16x16x4 latent that is plenty to read the layout back. A model trained on it never learns to start a picture from
+nothing: its first sampling steps read a layout off the noise. It then draws the asked context hardly more often
+than chance, and a one-image adapter learns the concept's colours and details but never its layout; with no layout
+learnt at high noise there is nothing there for T-LoRA's mask to keep from overfitting either. At zero terminal
+SNR (Lin et al., arXiv 2305.08891) the last timestep holds no signal at all, so the layout is what the model (and
+an adapter) learns to draw there.
+
+Training runs in three phases, each checkpointed to OUT_DIR/checkpoints/ and resumed when the command is run
+again: the VAE; the UNet with noise prediction on SD-XL's schedule (`--unet_steps`), whose loss weights fine
+detail, so that it learns to draw shapes; then the same UNet moved to v-prediction at zero terminal SNR
+(`--zero_snr_steps`), as Stable Diffusion 2's 768-v model was moved from its noise-prediction base. Trained at zero
+terminal SNR from the start, the UNet learns contexts as well but draws blurred shapes. The pipeline folder is
+written at the end, in float16 (a few MB). Prompts are dropped (zero embeddings, as `force_zeros_for_empty_prompt`
+makes the pipeline use for the negative prompt) 10% of the time, so classifier-free guidance works.
 """
 
 from __future__ import annotations
@@ -75,6 +87,8 @@ UNET_CONFIG = dict(
 CROP = 32
 CAPTION_DROPOUT = 0.1
 LATENT_POOL = 4096  # pictures encoded once for the UNet phase
+# How the saved EulerDiscreteScheduler differs from SD-XL's (see the module docstring).
+NOISE_SCHEDULE = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
 EMA_DECAY = 0.998  # the saved UNet is the average of about its last 500 steps
 
 
@@ -83,7 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="pipeline folder to write (checkpoints go inside)")
     # The defaults are the shipped model's recipe (models/toy-sdxl).
     parser.add_argument("--vae_steps", type=int, default=1200, help="VAE steps, batch 16 (default 1200)")
-    parser.add_argument("--unet_steps", type=int, default=6000, help="UNet steps (default 6000)")
+    parser.add_argument("--unet_steps", type=int, default=6000, help="UNet steps, noise prediction (default 6000)")
+    parser.add_argument(
+        "--zero_snr_steps", type=int, default=1500, help="UNet steps, v-prediction at zero terminal SNR (default 1500)"
+    )
     parser.add_argument("--unet_batch_size", type=int, default=16, help="UNet batch size (default 16)")
     parser.add_argument("--latent_pool", type=int, default=LATENT_POOL, help="pictures encoded for the UNet phase")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default 0)")
@@ -94,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch threads (default 1: on a busy machine more threads mostly wait for each other)",
     )
     args = parser.parse_args(argv)
-    for name in ("vae_steps", "unet_steps", "unet_batch_size", "latent_pool", "threads"):
+    for name in ("vae_steps", "unet_steps", "zero_snr_steps", "unet_batch_size", "latent_pool", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
@@ -152,10 +169,11 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, tuple[torch.Tensor, 
     return table
 
 
-def train_unet(unet, pipe, means, stds, captions, checkpoint: Path, steps: int, batch_size: int, seed: int) -> None:
-    from diffusers import DDPMScheduler
-
-    noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+def train_unet(
+    unet, pipe, noise_schedule, means, stds, captions, checkpoint: Path, steps: int, batch_size: int, seed: int
+) -> int:
+    """One UNet phase on `noise_schedule` (a DDPMScheduler), predicting what its `prediction_type` says; returns
+    the number of steps trained (0 when its checkpoint had finished it)."""
     text = encode_captions(pipe, captions)
     size = toy_world.IMAGE_SIZE
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
@@ -181,13 +199,16 @@ def train_unet(unet, pipe, means, stds, captions, checkpoint: Path, steps: int, 
             embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(batch_size, -1)},
         ).sample
+        if noise_schedule.config.prediction_type == "v_prediction":
+            return F.mse_loss(prediction, noise_schedule.get_velocity(latents, noise, timesteps))
         return F.mse_loss(prediction, noise)
 
-    train_phase("unet", checkpoint, unet, optimizer, steps, loss_at_step, ema_decay=EMA_DECAY)
+    return train_phase(checkpoint.stem, checkpoint, unet, optimizer, steps, loss_at_step, ema_decay=EMA_DECAY)
 
 
-def save_pipeline(out: Path, unet, vae, seed: int) -> None:
-    """The text encoders, tokenizers and scheduler of the tiny SD-XL fixture, with the trained UNet and VAE."""
+def save_pipeline(out: Path, unet, vae, scheduler, seed: int) -> None:
+    """The text encoders and tokenizers of the tiny SD-XL fixture, with the trained UNet and VAE and their
+    noise schedule."""
     from scripts.make_tiny_pipeline import save_pipeline as save_fixture
 
     keep = out / "checkpoints"
@@ -198,6 +219,8 @@ def save_pipeline(out: Path, unet, vae, seed: int) -> None:
         shutil.rmtree(staging / name)
         model.to(torch.float16).save_pretrained(staging / name, safe_serialization=True)
         model.to(torch.float32)
+    shutil.rmtree(staging / "scheduler")
+    scheduler.save_pretrained(staging / "scheduler")
     for item in staging.iterdir():
         target = out / item.name
         if target.is_dir():
@@ -210,6 +233,8 @@ def save_pipeline(out: Path, unet, vae, seed: int) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
     from scripts.make_tiny_pipeline import build_pipeline
 
     out = Path(args.out_dir)
@@ -219,9 +244,11 @@ def main(argv=None) -> int:
 
     pipe = build_pipeline("sdxl", "tiny", seed=args.seed)
     vae = build_vae(args.seed)
+    unet_phases = [checkpoints / "unet.safetensors", checkpoints / "unet-zero-snr.safetensors"]
     if train_vae(vae, checkpoints / "vae.safetensors", args.vae_steps, args.seed):
         # A UNet checkpoint learnt the latents of the VAE as it was: it cannot be resumed on a changed VAE.
-        (checkpoints / "unet.safetensors").unlink(missing_ok=True)
+        for checkpoint in unet_phases:
+            checkpoint.unlink(missing_ok=True)
     vae.requires_grad_(False)
 
     means, stds, captions = encode_pool(vae, args.latent_pool, args.seed)
@@ -231,11 +258,15 @@ def main(argv=None) -> int:
     print(f"[vae] scaling_factor {vae.config.scaling_factor}; {len(set(captions))} distinct captions", flush=True)
 
     unet = build_unet(args.seed)
-    train_unet(
-        unet, pipe, means, stds, captions, checkpoints / "unet.safetensors", args.unet_steps, args.unet_batch_size,
-        args.seed,
-    )  # fmt: skip
-    save_pipeline(out, unet, vae, args.seed)
+    pool, batch = (means, stds, captions), (args.unet_batch_size, args.seed)
+    sdxl_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    if train_unet(unet, pipe, sdxl_schedule, *pool, unet_phases[0], args.unet_steps, *batch):
+        # the second phase continues the first one's weights: a changed first phase starts it again
+        unet_phases[1].unlink(missing_ok=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **NOISE_SCHEDULE)
+    zero_snr_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    train_unet(unet, pipe, zero_snr_schedule, *pool, unet_phases[1], args.zero_snr_steps, *batch)
+    save_pipeline(out, unet, vae, pipe.scheduler, args.seed)
     print(f"Saved the toy base model to {out} in {time.perf_counter() - began:.0f} s", flush=True)
     return 0
 

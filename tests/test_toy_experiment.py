@@ -17,7 +17,8 @@ from scripts import toy_experiment, train_toy_base, train_toy_clip
 def toy_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy-models")
     base, clip = root / "toy-sdxl", root / "toy-clip"
-    assert train_toy_base.main([str(base), "--vae_steps", "2", "--unet_steps", "2", "--latent_pool", "16"]) == 0
+    steps = ["--vae_steps", "2", "--unet_steps", "2", "--zero_snr_steps", "2", "--latent_pool", "16"]
+    assert train_toy_base.main([str(base), *steps]) == 0
     assert train_toy_clip.main([str(clip), "--steps", "2"]) == 0
     return base, clip
 
@@ -31,6 +32,13 @@ def test_the_toy_models_load_where_the_project_loads_models(toy_models):
     pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch.float32)
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16  # 64 px pictures
     assert pipe.vae.config.scaling_factor != 0.13025  # measured on the toy world, not SD-XL's
+    # zero terminal SNR: the last training timestep keeps nothing of the picture, and sampling starts there
+    from diffusers import DDPMScheduler
+
+    assert DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[-1] == 0
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps[0] == 999
     image = pipe("a red star on the beach", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
     # fp16 on disk keeps the shipped model small
@@ -58,11 +66,14 @@ def test_a_tiny_experiment_trains_every_method_and_writes_table_and_plot(toy_mod
     ]  # fmt: skip
     assert toy_experiment.main(argv) == 0
 
-    expected = {"lora-r4": ("vanilla", 4), "vanilla-r4": ("vanilla", 2), "tlora-r4": ("ortho", 2)}
+    expected = {
+        "lora-r4": ("vanilla", 4), "vanilla-r4": ("vanilla", 2), "ortho-r4": ("ortho", 4), "tlora-r4": ("ortho", 2)
+    }  # fmt: skip
     for name, (variant, min_rank) in expected.items():
         _, metadata = read_safetensors(out / "adapters" / "seed-0" / name / toy_experiment.ADAPTER_FILE)
         config = json.loads(metadata[METADATA_KEY])
         assert (config["variant"], config["rank"], config["min_rank"]) == (variant, 4, min_rank), name
+        assert config["target_modules"] == list(toy_experiment.TARGET_MODULES), name
 
     results = json.loads((out / "results.json").read_text())
     assert list(results["rows"]) == [*expected, "base"]
@@ -71,12 +82,16 @@ def test_a_tiny_experiment_trains_every_method_and_writes_table_and_plot(toy_mod
             mean, spread = row[metric]
             assert -1.0 <= mean <= 1.0 and math.isfinite(mean) and spread == 0.0  # one seed: no spread
     table = (out / "results.md").read_text()
-    for label in ("| LoRA | 4 |", "| Vanilla T-LoRA | 4 |", "| T-LoRA | 4 |", "| base model | – |"):
-        assert label in table
+    for method in ("LoRA", "Vanilla T-LoRA", "Ortho-LoRA", "T-LoRA"):
+        assert f"| {method} | 4 |" in table
+    assert "| base model | – |" in table
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "concept" / "robot.png").is_file()
     prompts = json.loads((out / "prompts.json").read_text())
     assert all(template.count("{}") == 1 for template in prompts["toy"])
+    # every contextual prompt begins with the instance prompt, so "sks toy" reads the same in all of them
+    assert prompts["base_prompt"].format("sks toy") == "a sks toy"
+    assert all(template.format("sks toy").startswith("a sks toy ") for template in prompts["toy"])
 
     # a second run reuses the adapters instead of training them again
     adapter = out / "adapters" / "seed-0" / "tlora-r4" / toy_experiment.ADAPTER_FILE
