@@ -57,9 +57,9 @@ FAMILIES = {
     "sdxl": {
         "pipeline": "StableDiffusionXLPipeline",
         "guidance_scale": 5.0,
-        "steps": 600,
-        "learning_rate": 3e-3,
-        "flags": ["--snr_gamma", "5", "--target_modules", *toy_experiment.TARGET_MODULES],
+        "steps": toy_experiment.STEPS,
+        "learning_rate": toy_experiment.LEARNING_RATE,
+        "flags": ["--snr_gamma", str(toy_experiment.SNR_GAMMA), "--target_modules", *toy_experiment.TARGET_MODULES],
     },
     "flux": {
         "pipeline": "FluxPipeline",

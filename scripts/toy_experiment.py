@@ -70,6 +70,10 @@ METHOD_NAMES = {
 }  # fmt: skip
 METRICS = ("IS", "DINO_IS", "TS")
 ADAPTER_FILE = "pytorch_tlora_weights.safetensors"
+# The training recipe, which the demo uses too. It was set on LoRA alone (rank 8, seed 0), before any T-LoRA was
+# trained: the shortest run whose "a sks toy" pictures take the concept's colours and face, with diffusers' min-SNR
+# weighting (gamma 5). The target modules were added later, after one T-LoRA run (see TARGET_MODULES).
+STEPS, LEARNING_RATE, SNR_GAMMA = 600, 3e-3, 5.0
 # The toy UNet has transformer blocks at its 8x8 level only, and adapters of their attention projections alone (the
 # paper's layers) learn the concept's colours and eyes but not its shape; with the blocks' feed-forward and in/out
 # projections too they learn the robot.
@@ -84,16 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS), help="methods")
     parser.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16], help="maximum ranks (default 4 8 16)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    # The recipe was set on LoRA alone (rank 8, seed 0), before any T-LoRA was trained: the shortest run whose
-    # "a sks toy" pictures take the concept's colours and face, with diffusers' min-SNR weighting (gamma 5). The
-    # target modules were added later, after one T-LoRA run (see TARGET_MODULES).
-    parser.add_argument("--steps", type=int, default=600, help="training steps per adapter (default 600)")
-    parser.add_argument(
-        "--learning_rate", type=bounded_float(0, low_open=True), default=3e-3, help="learning rate (default 3e-3)"
-    )
-    parser.add_argument(
-        "--snr_gamma", type=bounded_float(0, low_open=True), default=5.0, help="min-SNR loss weighting (default 5)"
-    )
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per adapter (default %(default)s)")
+    positive = bounded_float(0, low_open=True)
+    parser.add_argument("--learning_rate", type=positive, default=LEARNING_RATE, help="learning rate (%(default)s)")
+    parser.add_argument("--snr_gamma", type=positive, default=SNR_GAMMA, help="min-SNR weighting (%(default)s)")
     parser.add_argument(
         "--target_modules", nargs="+", default=list(TARGET_MODULES), help="adapted layers (default: TARGET_MODULES)"
     )

@@ -170,15 +170,24 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, tuple[torch.Tensor, 
 
 
 def train_unet(
-    unet, pipe, noise_schedule, means, stds, captions, checkpoint: Path, steps: int, batch_size: int, seed: int
+    unet,
+    noise_schedule,
+    means,
+    stds,
+    captions,
+    text,
+    scaling: float,
+    checkpoint: Path,
+    steps: int,
+    batch_size: int,
+    seed: int,
 ) -> int:
-    """One UNet phase on `noise_schedule` (a DDPMScheduler), predicting what its `prediction_type` says; returns
-    the number of steps trained (0 when its checkpoint had finished it)."""
-    text = encode_captions(pipe, captions)
+    """One UNet phase on `noise_schedule` (a DDPMScheduler), predicting what its `prediction_type` says, from the
+    pool's latents (times the VAE's `scaling`) and the captions' embeddings `text` (`encode_captions`); returns the
+    number of steps trained (0 when its checkpoint had finished it)."""
     size = toy_world.IMAGE_SIZE
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-4)
-    scaling = pipe.vae.config.scaling_factor
 
     def loss_at_step(step: int):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -254,18 +263,22 @@ def main(argv=None) -> int:
     means, stds, captions = encode_pool(vae, args.latent_pool, args.seed)
     # SD-XL scales latents to about unit variance before diffusion; measure that factor on the pool.
     vae.register_to_config(scaling_factor=round(1.0 / means.std().item(), 5))
-    pipe.vae = vae
     print(f"[vae] scaling_factor {vae.config.scaling_factor}; {len(set(captions))} distinct captions", flush=True)
 
     unet = build_unet(args.seed)
-    pool, batch = (means, stds, captions), (args.unet_batch_size, args.seed)
-    sdxl_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-    if train_unet(unet, pipe, sdxl_schedule, *pool, unet_phases[0], args.unet_steps, *batch):
+    text = encode_captions(pipe, captions)
+
+    def unet_phase(noise_schedule, checkpoint: Path, steps: int) -> int:
+        return train_unet(
+            unet, noise_schedule, means, stds, captions, text, vae.config.scaling_factor, checkpoint, steps,
+            args.unet_batch_size, args.seed,
+        )  # fmt: skip
+
+    if unet_phase(DDPMScheduler.from_config(pipe.scheduler.config), unet_phases[0], args.unet_steps):
         # the second phase continues the first one's weights: a changed first phase starts it again
         unet_phases[1].unlink(missing_ok=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **NOISE_SCHEDULE)
-    zero_snr_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-    train_unet(unet, pipe, zero_snr_schedule, *pool, unet_phases[1], args.zero_snr_steps, *batch)
+    unet_phase(DDPMScheduler.from_config(pipe.scheduler.config), unet_phases[1], args.zero_snr_steps)
     save_pipeline(out, unet, vae, pipe.scheduler, args.seed)
     print(f"Saved the toy base model to {out} in {time.perf_counter() - began:.0f} s", flush=True)
     return 0
