@@ -95,9 +95,9 @@ EMA_DECAY = 0.998  # the saved UNet is the average of about its last 500 steps
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", metavar="OUT_DIR", help="pipeline folder to write (checkpoints go inside)")
-    # The defaults are the shipped model's recipe (models/toy-sdxl).
+    # The recipe of `make toy-base`; the shipped models/toy-sdxl had 6000 noise-prediction steps (see the README).
     parser.add_argument("--vae_steps", type=int, default=1200, help="VAE steps, batch 16 (default 1200)")
-    parser.add_argument("--unet_steps", type=int, default=6000, help="UNet steps, noise prediction (default 6000)")
+    parser.add_argument("--unet_steps", type=int, default=4000, help="UNet steps, noise prediction (default 4000)")
     parser.add_argument(
         "--zero_snr_steps", type=int, default=1500, help="UNet steps, v-prediction at zero terminal SNR (default 1500)"
     )
