@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="the base model folder (default for sdxl: the shipped models/toy-sdxl, built with train_toy_base.py "
-        f"when missing, which takes about 40 minutes; for flux: a tiny random model in {RANDOM_FLUX_BASE})",
+        f"when missing, which takes about 30 minutes; for flux: a tiny random model in {RANDOM_FLUX_BASE})",
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: 600 for sdxl, 200 for flux)")
     parser.add_argument(
@@ -106,7 +106,7 @@ def ensure_model(folder: Path, family: str) -> Path:
 
         print(f"Building a tiny random FLUX.1 model in {folder}")
         return save_pipeline(folder, "flux", "tiny", overwrite=True)
-    print(f"No toy base model in {folder}: training one (about 40 minutes on 2 cores; resumable)", flush=True)
+    print(f"No toy base model in {folder}: training one (about 30 minutes on 2 cores; resumable)", flush=True)
     subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "train_toy_base.py"), str(folder)],
         check=True, env=demo_environment(), cwd=REPO_ROOT,
