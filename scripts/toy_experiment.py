@@ -18,9 +18,11 @@ about the same concept fidelity. Every step uses the project's own command-line 
        tlora     --tlora_variant ortho   --min_rank R/2   (T-LoRA: masked, orthogonal factors)
 3. For every seed, `scripts/evaluate.py` generates "a sks toy" and the contextual prompts of
    `TOY_PROMPTS` for all adapters and the base model, and scores them with the toy CLIP (`--clip_model`,
-   IS and TS) and its vision tower (`--dino_model`, DINO-IS).
-4. Mean and standard deviation over seeds: `results.md`, `results.json` and `tradeoff.png` (text alignment
-   against concept fidelity, one point per method and rank).
+   IS and TS) and its vision tower (`--dino_model`, DINO-IS). The toy CLIP also names the context of each
+   contextual picture, zero-shot among all the world's contexts: the share it names as asked is "context", how
+   often the concept is placed where the prompt says (TS is the mean similarity behind it).
+4. Mean and standard deviation over seeds: `results.md`, `results.json` and `tradeoff.png` (concept fidelity
+   against text alignment and against context, one point per method and rank).
 
 Adapters and evaluations already on disk are reused, so an interrupted run continues where it stopped. The
 runs are independent one-thread processes, `--jobs` of them at a time (default: one per core).
@@ -68,7 +70,7 @@ BASE_ROW = "base"  # evaluate.py's row of the base model without an adapter
 METHOD_NAMES = {
     "lora": "LoRA", "vanilla": "Vanilla T-LoRA", "ortho": "Ortho-LoRA", "tlora": "T-LoRA", BASE_ROW: "base model"
 }  # fmt: skip
-METRICS = ("IS", "DINO_IS", "TS")
+METRICS = ("IS", "DINO_IS", "TS", "context")
 ADAPTER_FILE = "pytorch_tlora_weights.safetensors"
 # The training recipe, which the demo uses too. It was set on LoRA alone (rank 8, seed 0), before any T-LoRA was
 # trained: the shortest run whose "a sks toy" pictures take the concept's colours and face, with diffusers' min-SNR
@@ -189,7 +191,39 @@ def evaluate(args, concept: Path, prompts: Path, adapters: dict[str, Path], seed
         "--output_dir", str(output),
     ]  # fmt: skip
     run_tool(command, output.parent / f"seed-{seed}.log")
-    return json.loads((output / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
+    accuracy = context_accuracy(args, prompts, [output / name for name in metrics["adapters"]])
+    for name, scores in metrics["adapters"].items():
+        scores["context"] = accuracy[output / name]
+    return metrics
+
+
+def context_accuracy(args, prompts: Path, folders: list[Path]) -> dict[Path, float]:
+    """For each of evaluate.py's adapter folders, the share of its contextual pictures in which the toy CLIP
+    names the asked context: zero-shot, against "a toy on the beach", "a toy on a red background", ... for every
+    context of the world (the toy CLIP's captions of a context alone), so a picture of the concept on its own
+    pink background counts as a miss."""
+    from PIL import Image
+
+    from scripts.eval_metrics import ClipEmbedder, cosine_matrix
+    from scripts.evaluate import image_path, load_prompt_set, plan_prompts
+
+    clip = ClipEmbedder.load(args.clip_model)
+    captions = clip.text_embeddings([f"a toy {toy_world.context_phrase(c)}" for c in toy_world.CONTEXTS])
+    asked_in = {f"a {{}} {toy_world.context_phrase(c)}": c for c in toy_world.CONTEXTS}
+    plan = plan_prompts(load_prompt_set(str(prompts), None), args.images_per_prompt, args.base_prompt_images, None)
+    contextual = [prompt for prompt in plan if prompt.group == "contextual"]
+    accuracy = {}
+    for folder in folders:
+        images, asked = [], []
+        for prompt in contextual:
+            for index in range(prompt.num_images):
+                with Image.open(image_path(folder, prompt, index)) as picture:
+                    images.append(picture.convert("RGB"))
+                asked.append(asked_in[prompt.template])
+        named = cosine_matrix(clip.image_embeddings(images), captions).argmax(dim=1).tolist()
+        accuracy[folder] = sum(toy_world.CONTEXTS[i] == a for i, a in zip(named, asked, strict=True)) / len(asked)
+    return accuracy
 
 
 def summarise(per_seed: dict[int, dict]) -> dict[str, dict]:
@@ -218,13 +252,14 @@ def row_label(name: str) -> tuple[str, str]:
 
 def results_markdown(summary: dict, settings: dict) -> str:
     lines = [
-        "| method | rank | IS (CLIP) | DINO-IS | TS |",
-        "|---|---:|---:|---:|---:|",
+        "| method | rank | IS (CLIP) | DINO-IS | TS | context |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in summary.items():
         method, rank = row_label(name)
-        cells = " | ".join(f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS)
-        lines.append(f"| {method} | {rank} | {cells} |")
+        scores = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS if m != "context"]
+        context = f"{100 * row['context'][0]:.0f}% ± {100 * row['context'][1]:.0f}"
+        lines.append(f"| {method} | {rank} | {' | '.join(scores)} | {context} |")
     lines.append(
         f"\nMean ± standard deviation over {len(settings['seeds'])} seeds "
         f"({', '.join(map(str, settings['seeds']))}); "
@@ -232,7 +267,8 @@ def results_markdown(summary: dict, settings: dict) -> str:
         f"min rank = rank / 2 for the T-LoRAs, adapting {' '.join(settings['target_modules'])}; "
         f'{settings["base_prompt_images"]} images of "{toy_world.CONCEPT_PROMPT}" (IS, DINO-IS against the one '
         f"concept picture) and {settings['images_per_prompt']} per contextual prompt (TS, {len(TOY_PROMPTS['toy'])} "
-        f"prompts), {settings['num_inference_steps']} steps, judged by the toy CLIP; "
+        f"prompts), {settings['num_inference_steps']} steps, judged by the toy CLIP; context: the share of the "
+        f"contextual pictures whose context the toy CLIP names as asked ({len(toy_world.CONTEXTS)} contexts); "
         f"{settings['minutes']:.0f} min on this machine."
     )
     return "\n".join(lines) + "\n"
@@ -244,24 +280,28 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4.5), dpi=120)
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
     markers = {"LoRA": "o", "Vanilla T-LoRA": "s", "Ortho-LoRA": "^", "T-LoRA": "D", "base model": "x"}
-    seen = set()
-    for name, row in summary.items():
-        method, rank = row_label(name)
-        (ts, ts_sd), (image, image_sd) = row["TS"], row["IS"]
-        axes.errorbar(
-            ts, image, xerr=ts_sd, yerr=image_sd, fmt=markers[method], color=f"C{list(markers).index(method)}",
-            capsize=3, label=None if method in seen else method,
-        )  # fmt: skip
-        seen.add(method)
-        if rank != "–":
-            axes.annotate(f"r{rank}", (ts, image), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    axes.set_xlabel("text alignment (TS, toy CLIP)")
-    axes.set_ylabel("concept fidelity (IS, toy CLIP)")
-    axes.set_title("One-image concept on the toy base: fidelity vs alignment")
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
+    for axes, metric, label in (
+        (panels[0], "TS", "text alignment (TS, toy CLIP)"),
+        (panels[1], "context", "context named as asked (toy CLIP, share of pictures)"),
+    ):
+        seen = set()
+        for name, row in summary.items():
+            method, rank = row_label(name)
+            (x, x_sd), (image, image_sd) = row[metric], row["IS"]
+            axes.errorbar(
+                x, image, xerr=x_sd, yerr=image_sd, fmt=markers[method], color=f"C{list(markers).index(method)}",
+                capsize=3, label=None if method in seen else method,
+            )  # fmt: skip
+            seen.add(method)
+            if rank != "–":
+                axes.annotate(f"r{rank}", (x, image), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axes.set_xlabel(label)
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel("concept fidelity (IS, toy CLIP)")
+    panels[0].legend(fontsize=8)
+    figure.suptitle("One-image concept on the toy base: fidelity vs alignment")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -12,6 +12,8 @@ import torch
 from pipelines.tlora.file_format import METADATA_KEY, read_safetensors
 from scripts import toy_experiment, train_toy_base, train_toy_clip
 
+from tests.tlora_testing import REPO_ROOT
+
 
 @pytest.fixture(scope="module")
 def toy_models(tmp_path_factory):
@@ -81,10 +83,14 @@ def test_a_tiny_experiment_trains_every_method_and_writes_table_and_plot(toy_mod
         for metric in ("IS", "DINO_IS", "TS"):
             mean, spread = row[metric]
             assert -1.0 <= mean <= 1.0 and math.isfinite(mean) and spread == 0.0  # one seed: no spread
+        # one picture per contextual prompt: the share named as asked is a whole number of sixths
+        mean, spread = row["context"]
+        assert mean * len(toy_experiment.TOY_PROMPTS["toy"]) in range(7) and spread == 0.0
     table = (out / "results.md").read_text()
     for method in ("LoRA", "Vanilla T-LoRA", "Ortho-LoRA", "T-LoRA"):
         assert f"| {method} | 4 |" in table
     assert "| base model | – |" in table
+    assert table.startswith("| method | rank | IS (CLIP) | DINO-IS | TS | context |")
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "concept" / "robot.png").is_file()
     prompts = json.loads((out / "prompts.json").read_text())
@@ -122,3 +128,36 @@ def test_missing_models_say_how_to_build_them(tmp_path, capsys):
         toy_experiment.parse_args(["--base_model", str(tmp_path / "nope"), "--clip_model", str(tmp_path),
                                    "--output_dir", str(tmp_path / "o")])  # fmt: skip
     assert "make toy-base builds both models" in capsys.readouterr().err
+
+
+def test_context_accuracy_counts_the_pictures_whose_context_the_judge_names_as_asked(tmp_path):
+    from argparse import Namespace
+
+    from scripts import toy_world
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(toy_experiment.TOY_PROMPTS))
+    args = Namespace(clip_model=str(REPO_ROOT / "models" / "toy-clip"), images_per_prompt=2, base_prompt_images=1)
+    on_pink = toy_world.concept_on_context(toy_experiment.CONCEPT_IMAGE, "pink background")
+
+    def world_picture(context: str, index: int):
+        colour = "green" if context == "red background" else "red"
+        return toy_world.render(toy_world.Scene("star", colour, context, 14, 30 + index, 32, detail_seed=index))
+
+    # evaluate.py's layout: one numbered folder per prompt, the base prompt's first
+    folders = {name: tmp_path / name for name in ("as asked", "first as asked", "all on pink")}
+    for number, template in enumerate(toy_experiment.TOY_PROMPTS["toy"], start=1):
+        context = next(c for c in toy_world.CONTEXTS if template == f"a {{}} {toy_world.context_phrase(c)}")
+        slug = template.replace("{}", "concept").replace(" ", "-")
+        pictures = {
+            "as asked": [world_picture(context, 0), world_picture(context, 1)],
+            "first as asked": [world_picture(context, 0), on_pink],
+            "all on pink": [on_pink, on_pink],
+        }
+        for name, images in pictures.items():
+            (folders[name] / f"{number:02d}-{slug}").mkdir(parents=True)
+            for index, image in enumerate(images):
+                image.save(folders[name] / f"{number:02d}-{slug}" / f"{index}.png")
+
+    accuracy = toy_experiment.context_accuracy(args, prompts, list(folders.values()))
+    assert accuracy == {folders["as asked"]: 1.0, folders["first as asked"]: 0.5, folders["all on pink"]: 0.0}
