@@ -13,7 +13,8 @@
 #                       make demo FAMILY=flux: the same with train_tlora_flux.py on a tiny random FLUX.1 model
 #   make toy-base       train the toy base model and the toy CLIP from scratch into outputs/ (resumable;
 #                       about 30 minutes on 2 cores) and measure what the base model draws
-#   make toy-experiment the paper's Table 1 in miniature on the toy base (TOY_EXPERIMENT_ARGS are passed on)
+#   make toy-experiment the paper's Table 1 in miniature on the toy base (about 20 minutes on 2 cores;
+#                       TOY_EXPERIMENT_ARGS are passed on)
 #   make gpu-wheels     download the diffusers and bitsandbytes wheels an offline GPU machine lacks into .whl/
 #                       (for GPU_PYTHON_VERSION, default 3.12, Linux x86_64; needs network access)
 #   make gpu-check      on the GPU machine: scripts/gpu_check.py with its own Python (GPU_PYTHON, default python3),

@@ -203,10 +203,9 @@ def context_accuracy(args, prompts: Path, folders: list[Path]) -> dict[Path, flo
     names the asked context: zero-shot, against "a toy on the beach", "a toy on a red background", ... for every
     context of the world (the toy CLIP's captions of a context alone), so a picture of the concept on its own
     pink background counts as a miss."""
-    from PIL import Image
-
     from scripts.eval_metrics import ClipEmbedder, cosine_matrix
     from scripts.evaluate import image_path, load_prompt_set, plan_prompts
+    from training.images import open_image
 
     clip = ClipEmbedder.load(args.clip_model)
     captions = clip.text_embeddings([f"a toy {toy_world.context_phrase(c)}" for c in toy_world.CONTEXTS])
@@ -218,8 +217,8 @@ def context_accuracy(args, prompts: Path, folders: list[Path]) -> dict[Path, flo
         images, asked = [], []
         for prompt in contextual:
             for index in range(prompt.num_images):
-                with Image.open(image_path(folder, prompt, index)) as picture:
-                    images.append(picture.convert("RGB"))
+                path = image_path(folder, prompt, index)
+                images.append(open_image(path, str(path)))
                 asked.append(asked_in[prompt.template])
         named = cosine_matrix(clip.image_embeddings(images), captions).argmax(dim=1).tolist()
         accuracy[folder] = sum(toy_world.CONTEXTS[i] == a for i, a in zip(named, asked, strict=True)) / len(asked)
