@@ -194,15 +194,17 @@ def evaluate(args, concept: Path, prompts: Path, adapters: dict[str, Path], seed
     metrics = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
     accuracy = context_accuracy(args, prompts, [output / name for name in metrics["adapters"]])
     for name, scores in metrics["adapters"].items():
-        scores["context"] = accuracy[output / name]
+        scores["context_per_prompt"] = accuracy[output / name]
+        # every prompt has the same number of pictures, so this is also the share of all of them
+        scores["context"] = statistics.fmean(accuracy[output / name].values())
     return metrics
 
 
-def context_accuracy(args, prompts: Path, folders: list[Path]) -> dict[Path, float]:
-    """For each of evaluate.py's adapter folders, the share of its contextual pictures in which the toy CLIP
-    names the asked context: zero-shot, against "a toy on the beach", "a toy on a red background", ... for every
-    context of the world (the toy CLIP's captions of a context alone), so a picture of the concept on its own
-    pink background counts as a miss."""
+def context_accuracy(args, prompts: Path, folders: list[Path]) -> dict[Path, dict[str, float]]:
+    """For each of evaluate.py's adapter folders and each contextual prompt template, the share of its pictures
+    in which the toy CLIP names the asked context: zero-shot, against "a toy on the beach", "a toy on a red
+    background", ... for every context of the world (the toy CLIP's captions of a context alone), so a picture
+    of the concept on its own pink background counts as a miss."""
     from scripts.eval_metrics import ClipEmbedder, cosine_matrix
     from scripts.evaluate import image_path, load_prompt_set, plan_prompts
     from training.images import open_image
@@ -214,27 +216,31 @@ def context_accuracy(args, prompts: Path, folders: list[Path]) -> dict[Path, flo
     contextual = [prompt for prompt in plan if prompt.group == "contextual"]
     accuracy = {}
     for folder in folders:
-        images, asked = [], []
+        accuracy[folder] = {}
         for prompt in contextual:
-            for index in range(prompt.num_images):
-                path = image_path(folder, prompt, index)
-                images.append(open_image(path, str(path)))
-                asked.append(asked_in[prompt.template])
-        named = cosine_matrix(clip.image_embeddings(images), captions).argmax(dim=1).tolist()
-        accuracy[folder] = sum(toy_world.CONTEXTS[i] == a for i, a in zip(named, asked, strict=True)) / len(asked)
+            paths = [image_path(folder, prompt, index) for index in range(prompt.num_images)]
+            images = [open_image(path, str(path)) for path in paths]
+            named = cosine_matrix(clip.image_embeddings(images), captions).argmax(dim=1).tolist()
+            asked = asked_in[prompt.template]
+            accuracy[folder][prompt.template] = sum(toy_world.CONTEXTS[i] == asked for i in named) / len(named)
     return accuracy
 
 
 def summarise(per_seed: dict[int, dict]) -> dict[str, dict]:
-    """{row name: {metric: (mean, standard deviation), "seeds": n}} over the seeds' evaluations."""
+    """{row name: {metric: (mean, standard deviation), "context_per_prompt": {template: mean share}, "seeds": n}}
+    over the seeds' evaluations."""
     rows: dict[str, dict[str, list[float]]] = {}
+    per_prompt: dict[str, dict[str, list[float]]] = {}
     for metrics in per_seed.values():
         for name, scores in metrics["adapters"].items():
             for metric in METRICS:
                 rows.setdefault(name, {}).setdefault(metric, []).append(scores[metric])
+            for template, share in scores["context_per_prompt"].items():
+                per_prompt.setdefault(name, {}).setdefault(template, []).append(share)
     return {
         name: {
             **{m: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for m, v in values.items()},
+            "context_per_prompt": {template: statistics.fmean(v) for template, v in per_prompt[name].items()},
             "seeds": len(next(iter(values.values()))),
         }
         for name, values in rows.items()
@@ -270,6 +276,16 @@ def results_markdown(summary: dict, settings: dict) -> str:
         f"contextual pictures whose context the toy CLIP names as asked ({len(toy_world.CONTEXTS)} contexts); "
         f"{settings['minutes']:.0f} min on this machine."
     )
+    templates = TOY_PROMPTS["toy"]
+    lines += [
+        "\nContext named as asked, per contextual prompt (mean over the seeds):\n",
+        f"| method | rank | {' | '.join(t.removeprefix('a {} ') for t in templates)} |",
+        "|---|---:|" + "---:|" * len(templates),
+    ]
+    for name, row in summary.items():
+        method, rank = row_label(name)
+        shares = " | ".join(f"{100 * row['context_per_prompt'][t]:.0f}%" for t in templates)
+        lines.append(f"| {method} | {rank} | {shares} |")
     return "\n".join(lines) + "\n"
 
 

@@ -83,9 +83,11 @@ def test_a_tiny_experiment_trains_every_method_and_writes_table_and_plot(toy_mod
         for metric in ("IS", "DINO_IS", "TS"):
             mean, spread = row[metric]
             assert -1.0 <= mean <= 1.0 and math.isfinite(mean) and spread == 0.0  # one seed: no spread
-        # one picture per contextual prompt: the share named as asked is a whole number of sixths
-        mean, spread = row["context"]
-        assert mean * len(toy_experiment.TOY_PROMPTS["toy"]) in range(7) and spread == 0.0
+        # one picture per contextual prompt: each prompt's share is 0 or 1, and the row's is their mean
+        per_prompt = row["context_per_prompt"]
+        assert list(per_prompt) == toy_experiment.TOY_PROMPTS["toy"]
+        assert set(per_prompt.values()) <= {0.0, 1.0}
+        assert row["context"] == [sum(per_prompt.values()) / len(per_prompt), 0.0]
     table = (out / "results.md").read_text()
     for method in ("LoRA", "Vanilla T-LoRA", "Ortho-LoRA", "T-LoRA"):
         assert f"| {method} | 4 |" in table
@@ -160,4 +162,9 @@ def test_context_accuracy_counts_the_pictures_whose_context_the_judge_names_as_a
                 image.save(folders[name] / f"{number:02d}-{slug}" / f"{index}.png")
 
     accuracy = toy_experiment.context_accuracy(args, prompts, list(folders.values()))
-    assert accuracy == {folders["as asked"]: 1.0, folders["first as asked"]: 0.5, folders["all on pink"]: 0.0}
+    templates = toy_experiment.TOY_PROMPTS["toy"]
+    assert accuracy == {
+        folders["as asked"]: dict.fromkeys(templates, 1.0),
+        folders["first as asked"]: dict.fromkeys(templates, 0.5),
+        folders["all on pink"]: dict.fromkeys(templates, 0.0),
+    }
