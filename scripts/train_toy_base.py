@@ -172,6 +172,7 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, tuple[torch.Tensor, 
 def train_unet(
     unet,
     noise_schedule,
+    *,
     means,
     stds,
     captions,
@@ -270,8 +271,9 @@ def main(argv=None) -> int:
 
     def unet_phase(noise_schedule, checkpoint: Path, steps: int) -> int:
         return train_unet(
-            unet, noise_schedule, means, stds, captions, text, vae.config.scaling_factor, checkpoint, steps,
-            args.unet_batch_size, args.seed,
+            unet, noise_schedule, means=means, stds=stds, captions=captions, text=text,
+            scaling=vae.config.scaling_factor, checkpoint=checkpoint, steps=steps, batch_size=args.unet_batch_size,
+            seed=args.seed,
         )  # fmt: skip
 
     if unet_phase(DDPMScheduler.from_config(pipe.scheduler.config), unet_phases[0], args.unet_steps):
